@@ -1,0 +1,1 @@
+"""Types, errors, config serialisation and seeding. Imports nothing else of edgepeft."""

@@ -1,0 +1,78 @@
+"""Dataclass <-> JSON with a schema version, so saved artifacts say which format they are."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, TypeVar
+
+from edgepeft.core.errors import ArtifactError, ConfigError
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass as a plain dict (nested dataclasses included)."""
+    if not dataclasses.is_dataclass(obj):
+        raise TypeError(f"{obj!r} is not a dataclass")
+    return dataclasses.asdict(obj)  # type: ignore[arg-type]
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build ``cls`` from a dict, refusing unknown keys (a newer format) with a clear error."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; was this written by a newer edgepeft?")
+    return cls(**data)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], payload: bytes) -> None:
+    """Write-to-temp, fsync, rename: a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    # fsync the directory so the rename itself survives power loss.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
+    """Atomically write ``data`` as indented JSON with ``schema_version`` added."""
+    payload = {"schema_version": SCHEMA_VERSION, **data}
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read JSON written by :func:`write_json`, checking the schema version."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{path} is missing") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); the artifact is corrupt") from exc
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} does not hold a JSON object; the artifact is corrupt")
+    version = data.pop("schema_version", None)
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(f"{path} has schema_version {version!r}; this edgepeft reads {SCHEMA_VERSION}")
+    return data
