@@ -1,1 +1,1 @@
-"""train layer."""
+"""Explicit training loops: pretraining the base, adapting a delta per asset."""

@@ -1,0 +1,257 @@
+"""The ``edgepeft`` command line: thin commands over the layers below.
+
+Every error we raise on purpose (``EdgePeftError``) becomes one line on stderr and exit code 2; an
+unexpected one becomes one line too (set ``EDGEPEFT_DEBUG=1`` for the traceback). Outputs are written
+to a temporary file and renamed into place, so a failed run never clobbers what the user had.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgepeft.core.errors import EdgePeftError, OutputError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Per-asset PEFT adapters on a frozen pretrained sensor encoder: adapt, score, inspect, demo.",
+)
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def check_writable(path: Path, *, directory: bool = False) -> None:
+    """Fail early, before any work, if ``path`` cannot be written."""
+    parent = path if directory and path.exists() else path.parent
+    probe_dir = parent
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not os.access(probe_dir, os.W_OK):
+        raise OutputError(f"cannot write to {path}: {probe_dir} is not writable; choose another --out")
+    if path.exists() and not directory and path.is_dir():
+        raise OutputError(f"{path} is a directory; give a file name for --out")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    from edgepeft.core.config import atomic_write_bytes
+
+    try:
+        atomic_write_bytes(path, text.encode())
+    except OSError as exc:
+        raise OutputError(f"cannot write {path} ({exc.strerror or exc})") from exc
+
+
+@contextlib.contextmanager
+def _warnings_to_console() -> Iterator[None]:
+    """Show data warnings (e.g. filled gaps) as one yellow line each instead of Python's format."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            seen: set[str] = set()
+            for item in caught:
+                message = str(item.message)
+                if message not in seen and not issubclass(item.category, DeprecationWarning | FutureWarning):
+                    console.print(f"[yellow]warning:[/] {message}", highlight=False)
+                    seen.add(message)
+
+
+@app.command()
+def adapt(
+    train: Annotated[Path, typer.Argument(help="CSV of the asset's NORMAL operation (rows = time, columns = sensors).")],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the adapter (detector) to.")],
+    base: Annotated[str, typer.Option(help="Base model: tiny or small (or a registered one).")] = "small",
+    method: Annotated[str, typer.Option(help="lora|dora|ia3|adapter|prefix|bitfit|full|scratch")] = "lora",
+    rank: Annotated[int, typer.Option(help="LoRA/DoRA rank.")] = 8,
+    steps: Annotated[int, typer.Option(help="Adaptation steps.")] = 150,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same adapter).")] = 0,
+    target_far: Annotated[float, typer.Option(help="Target false-alarm rate on normal data.")] = 0.01,
+    threshold: Annotated[str, typer.Option(help="Threshold calibration: pot or quantile.")] = "pot",
+    rows: Annotated[int | None, typer.Option(help="Use only the first ROWS rows of TRAIN.")] = None,
+    time_col: Annotated[str | None, typer.Option("--time-col", help="Timestamp column (detected if omitted).")] = None,
+    drop: Annotated[str | None, typer.Option(help="Comma-separated columns to ignore, e.g. anomaly,changepoint.")] = None,
+) -> None:
+    """Train a per-asset adapter on normal data and calibrate its alarm threshold."""
+    from edgepeft.data.csvio import read_sensor_csv
+    from edgepeft.detect.detector import AnomalyDetector
+
+    check_writable(out, directory=True)
+    with _warnings_to_console():
+        table = read_sensor_csv(train, time_col=time_col, drop=_split(drop))
+    values = table.values if rows is None else table.values[:rows]
+    import pandas as pd
+
+    frame = pd.DataFrame(values, columns=table.channels)
+    det = AnomalyDetector(base=base, method=method, rank=rank, steps=steps, seed=seed,
+                          target_far=target_far, threshold=threshold)
+    with _progress() as progress:
+        task = progress.add_task(f"adapting {method} on {base}", total=steps, status="")
+
+        def report(step: int, loss: float) -> None:
+            progress.update(task, completed=step, status=f"loss {loss:.4f}")
+
+        det.fit(frame, progress=report)
+    det.save(out)
+    info = det.info(out)
+    console.print(
+        f"[green]adapter written[/] to {out}: {info['method']} on {info['base']}, "
+        f"{info['trainable_parameters']:,} trainable ({100 * info['trainable_share']:.2f} % of base), "
+        f"{info['adapter_bytes'] / 1024:.1f} KB, threshold {info['threshold']:.4g}, "
+        f"{info['adapt_seconds']:.1f} s",
+        highlight=False,
+    )
+
+
+@app.command()
+def score(
+    adapter: Annotated[Path, typer.Argument(help="Adapter directory written by `edgepeft adapt`.")],
+    data: Annotated[Path, typer.Argument(help="CSV to score (same sensor columns as training).")],
+    out: Annotated[Path, typer.Option("--out", help="CSV to write: score, p_anomaly, anomaly (one row per input row).")],
+    time_col: Annotated[str | None, typer.Option("--time-col", help="Timestamp column (detected if omitted).")] = None,
+    drop: Annotated[str | None, typer.Option(help="Comma-separated columns to ignore, e.g. anomaly,changepoint.")] = None,
+) -> None:
+    """Score a CSV with an adapter: one output row per input row, in order."""
+    import pandas as pd
+
+    from edgepeft.data.csvio import read_sensor_csv
+    from edgepeft.detect.detector import AnomalyDetector
+
+    check_writable(out)
+    det = AnomalyDetector.load(adapter)
+    with _warnings_to_console():
+        table = read_sensor_csv(data, time_col=time_col, drop=_split(drop))
+    frame = pd.DataFrame(table.values, columns=table.channels)
+    result = det.score_all(frame)
+    columns = {"score": result["score"], "p_anomaly": result["p_anomaly"], "anomaly": result["anomaly"]}
+    output = pd.DataFrame(columns)
+    if table.time is not None:
+        output.insert(0, "time", table.time)
+    buffer = io.StringIO()
+    output.to_csv(buffer, index=False, float_format="%.6g")
+    write_text_atomic(out, buffer.getvalue())
+    n_alerts = int(result["anomaly"].sum())
+    console.print(f"[green]scored[/] {len(output)} rows -> {out} ({n_alerts} flagged anomalous)", highlight=False)
+
+
+@app.command()
+def info(adapter: Annotated[Path, typer.Argument(help="Adapter directory written by `edgepeft adapt`.")]) -> None:
+    """Show what an adapter is: base, method, trainable share, bytes, threshold."""
+    from edgepeft.detect.detector import AnomalyDetector
+
+    det = AnomalyDetector.load(adapter)
+    details = det.info(adapter)
+    table = Table(title=f"adapter {adapter}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = [
+        ("base", f"{details['base']} ({details['base_parameters']:,} parameters, sha256 {details['base_sha256'][:16]}…)"),
+        ("method", details["method"]),
+        ("peft config", ", ".join(f"{k}={v}" for k, v in details["peft_config"].items() if v is not None)),
+        ("channels", f"{len(details['channels'])}: {', '.join(details['channels'])}"),
+        ("trainable", f"{details['trainable_parameters']:,} ({100 * details['trainable_share']:.2f} % of base)"),
+        ("adapter bytes", f"{details['adapter_bytes']:,} ({details['adapter_bytes'] / 1024:.1f} KB)"),
+        ("threshold", f"{details['threshold']:.6g} ({details['threshold_kind']}, target FAR {details['target_far']})"),
+        ("adapt seconds", f"{details['adapt_seconds']:.2f}"),
+    ]
+    for key, value in rows:
+        table.add_row(key, str(value))
+    out_console.print(table)
+
+
+@app.command()
+def pretrain(
+    base: Annotated[str, typer.Argument(help="Built-in base to pretrain: tiny or small.")],
+    steps: Annotated[int, typer.Option(help="Total steps (a rerun resumes from the last checkpoint).")] = 3000,
+    batch_size: Annotated[int, typer.Option(help="Windows per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    data: Annotated[list[Path] | None, typer.Option(help="CSV of real normal data to mix in (repeatable).")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="Checkpoint folder.")] = None,
+    out_dir: Annotated[Path | None, typer.Option(help="Where weights + card go (default: the package).")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop after a checkpoint past this time.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Pretrain a base encoder on generated sensor signals; resumes from checkpoints."""
+    from edgepeft.models.registry import base_config
+    from edgepeft.train.pretrain import PretrainConfig, pretrain as run_pretrain
+
+    model_cfg = base_config(base)
+    cfg = PretrainConfig(
+        steps=steps, batch_size=batch_size, lr=lr, data=[str(p) for p in data or []], seed=seed,
+        checkpoint_dir=str(checkpoint_dir or Path("runs") / f"pretrain-{base}"),
+        out_dir=str(out_dir) if out_dir else None,
+    )
+    with _progress() as progress:
+        task = progress.add_task(f"pretraining {base}", total=steps, status="")
+
+        def report(step: int, total: int, loss: float) -> None:
+            progress.update(task, completed=step, status=f"loss {loss:.4f}")
+
+        result = run_pretrain(base, model_cfg, cfg, progress=report,
+                              max_seconds=max_minutes * 60 if max_minutes else None)
+    if result["finished"]:
+        console.print(f"[green]pretrained[/] {base}: validation forecast MSE {result['validation_forecast_mse']:.4f}, "
+                      f"weights -> {result['path']}", highlight=False)
+    else:
+        console.print(f"checkpointed at step {result['steps']}/{steps}; rerun the same command to resume")
+
+
+def main() -> None:
+    """Entry point: run the app, turning our errors into one line and a non-zero exit."""
+    try:
+        app(standalone_mode=False)
+    except EdgePeftError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code if isinstance(code, int) else 0)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the user gets one line; EDGEPEFT_DEBUG shows the traceback
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        if os.environ.get("EDGEPEFT_DEBUG"):
+            raise
+        console.print(f"[red]error:[/] unexpected {type(exc).__name__}: {exc} (set EDGEPEFT_DEBUG=1 for details)",
+                      highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,367 @@
+"""AnomalyDetector: the scikit-learn / PyOD-style API over base + PEFT method + threshold.
+
+How a score is made, and why:
+1. The asset's normal data fixes a per-channel scaler (shipped with the adapter).
+2. Every patch of the series is forecast from the rows before it (its window's last patch hidden).
+   The error at row t therefore depends only on rows <= t, and rows with little history are scored
+   with what history there is (missing patches are hidden, never invented).
+3. Squared errors are divided per channel by that channel's typical error on the training data, so a
+   noisy sensor does not drown a quiet one, then averaged over channels.
+4. A trailing (causal) mean over ``smoothing`` rows: real faults are collective, single-row noise is not.
+5. A threshold is calibrated on held-out *normal* rows for a target false-alarm rate (quantile or
+   peaks-over-threshold), and the same held-out scores calibrate ``p_anomaly``.
+
+Example:
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> t = np.arange(1200)
+    >>> X = np.c_[np.sin(t / 5), np.cos(t / 5)] + 0.05 * rng.normal(size=(1200, 2))
+    >>> det = AnomalyDetector(base="tiny", method="lora", rank=4, steps=20).fit(X[:800])
+    >>> scores = det.score(X[800:])
+    >>> scores.shape, det.predict(X[800:]).shape
+    ((400,), (400,))
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgepeft.core.config import read_json, write_json
+from edgepeft.core.errors import ArtifactError, ConfigError, DataError, OutputError
+from edgepeft.data.csvio import validate_array
+from edgepeft.data.scaler import ChannelScaler
+from edgepeft.data.windows import scoring_windows
+from edgepeft.detect.threshold import ScoreCalibrator, make_threshold, threshold_from_dict
+from edgepeft.models.registry import list_bases, load_base, load_card, state_sha256
+from edgepeft.peft import PeftConfig, get_method, list_methods, parameter_report
+from edgepeft.train.adapt import AdaptConfig, adapt
+
+DETECTOR_FILE = "detector.json"
+ADAPTER_DIR = "adapter"
+
+
+class AnomalyDetector:
+    """One asset's detector: a frozen pretrained base, a PEFT delta trained on the asset's normal data,
+    and a threshold calibrated for a target false-alarm rate.
+
+    Constructor arguments are stored unchanged; all work happens in :meth:`fit`. Fitted state ends in ``_``.
+    """
+
+    def __init__(
+        self,
+        base: str = "small",
+        method: str = "lora",
+        rank: int = 8,
+        *,
+        steps: int = 150,
+        batch_size: int = 32,
+        lr: float | None = None,
+        target_far: float = 0.01,
+        threshold: str = "pot",
+        smoothing: int = 8,
+        calib_fraction: float = 0.2,
+        seed: int = 0,
+        peft_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.base = base
+        self.method = method
+        self.rank = rank
+        self.steps = steps
+        self.batch_size = batch_size
+        self.lr = lr
+        self.target_far = target_far
+        self.threshold = threshold
+        self.smoothing = smoothing
+        self.calib_fraction = calib_fraction
+        self.seed = seed
+        self.peft_options = peft_options
+
+    # ------------------------------------------------------------------ validation
+    def _check_params(self) -> None:
+        if self.base not in list_bases():
+            raise ConfigError(f"unknown base {self.base!r}; choose one of {', '.join(list_bases())}")
+        if self.method not in list_methods():
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(list_methods())}")
+        if not 0.0 < self.target_far < 0.5:
+            raise ConfigError(f"target_far must be in (0, 0.5), got {self.target_far}")
+        if self.smoothing < 1:
+            raise ConfigError(f"smoothing must be >= 1 row, got {self.smoothing}")
+        if not 0.05 <= self.calib_fraction <= 0.5:
+            raise ConfigError(f"calib_fraction must be in [0.05, 0.5], got {self.calib_fraction}")
+
+    def _peft_config(self) -> PeftConfig:
+        return PeftConfig(method=self.method, rank=self.rank, **(self.peft_options or {}))
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self, X: Any, y: Any = None, progress: Callable[[int, float], None] | None = None
+    ) -> AnomalyDetector:
+        """Train the adapter on normal data ``X`` (rows, channels) and calibrate the threshold. ``y`` is ignored."""
+        self._check_params()
+        columns = list(X.columns) if hasattr(X, "columns") else None
+        values, channels = validate_array(X, channels=None)
+        base_model = load_base(self.base)
+        window_len, patch_len = base_model.window_len, base_model.patch_len
+        n_rows = values.shape[0]
+        min_rows = window_len + 2 * patch_len
+        if n_rows < min_rows:
+            raise DataError(f"training series has {n_rows} rows; at least {min_rows} are needed "
+                            f"(one {window_len}-row window plus calibration)")
+        self.channels_ = channels if columns is not None else [f"ch{i}" for i in range(values.shape[1])]
+        self.n_channels_ = values.shape[1]
+        self.base_sha256_ = state_sha256(base_model)
+        self.base_parameters_ = sum(p.numel() for n, p in base_model.named_parameters() if n != "channel_tags")
+        self.scaler_ = ChannelScaler().fit(values)
+        scaled = self.scaler_.transform(values)
+
+        n_calib = max(int(round(n_rows * self.calib_fraction)), patch_len)
+        n_fit = n_rows - n_calib
+        base_model.set_n_channels(self.n_channels_, seed=self.seed)
+        method = get_method(self.method)
+        self.peft_config_ = self._peft_config()
+        torch.manual_seed(self.seed)
+        model = method.attach(base_model, self.peft_config_)
+        lr = self.lr if self.lr is not None else method.default_lr
+        cfg = AdaptConfig(steps=self.steps, batch_size=self.batch_size, seed=self.seed)
+        started = time.perf_counter()
+        result = adapt(model, scaled[:n_fit], cfg, lr=lr, progress=progress)
+        self.adapt_seconds_ = time.perf_counter() - started
+        self.train_loss_ = float(np.mean(result.losses[-10:])) if result.losses else float("nan")
+        self.model_ = model
+        self.method_ = method
+
+        # Typical per-channel error on the fitted rows sets the channel weights; the held-out rows,
+        # scored with their real history, calibrate threshold and probability.
+        errors = self._row_errors(scaled)
+        self.channel_error_ = np.maximum(errors[:n_fit].mean(axis=0), 1e-6)
+        calib_scores = self._aggregate(errors)[n_fit:]
+        self.threshold_model_ = make_threshold(self.threshold, self.target_far).fit(calib_scores)
+        self.threshold_ = float(self.threshold_model_.threshold_)
+        self.calibrator_ = ScoreCalibrator().fit(calib_scores)
+        self.report_ = {
+            **parameter_report(model, self.base_parameters_),
+            "adapt_seconds": self.adapt_seconds_,
+            "train_loss": self.train_loss_,
+            "n_fit_rows": n_fit,
+            "n_calib_rows": n_calib,
+        }
+        return self
+
+    # ------------------------------------------------------------------ scoring
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "model_"):
+            raise ConfigError("this AnomalyDetector is not fitted yet; call fit(X_normal) or AnomalyDetector.load(dir)")
+
+    @torch.no_grad()
+    def _row_errors(self, scaled: np.ndarray, batch_windows: int = 256) -> np.ndarray:
+        """(T, C) squared forecast errors in asset-standardised units."""
+        encoder = self.method_.encoder(self.model_)
+        windows, hidden = scoring_windows(scaled, encoder.window_len, encoder.patch_len)
+        patch_len = encoder.patch_len
+        out = np.empty((windows.shape[0], patch_len, windows.shape[2]), dtype=np.float32)
+        self.model_.eval()
+        for start in range(0, len(windows), batch_windows):
+            chunk = torch.from_numpy(windows[start : start + batch_windows])
+            recon = self.model_(chunk, torch.from_numpy(hidden[start : start + batch_windows]))
+            out[start : start + len(chunk)] = recon[:, -patch_len:, :].numpy()
+        predicted = out.reshape(-1, windows.shape[2])[: scaled.shape[0]]  # (T, C)
+        return (predicted - scaled) ** 2
+
+    def _aggregate(self, errors: np.ndarray) -> np.ndarray:
+        score = (errors / self.channel_error_).mean(axis=1)  # (T,)
+        if self.smoothing > 1:
+            # Trailing mean: the first rows average over what exists (causal, nothing dropped).
+            cumsum = np.concatenate([[0.0], np.cumsum(score, dtype=np.float64)])
+            idx = np.arange(1, len(score) + 1)
+            lo = np.maximum(idx - self.smoothing, 0)
+            score = (cumsum[idx] - cumsum[lo]) / (idx - lo)
+        return score.astype(np.float64)
+
+    def _prepare(self, X: Any) -> np.ndarray:
+        self._check_fitted()
+        channels = self.channels_ if hasattr(X, "columns") else None
+        values, _ = validate_array(X, channels=channels)
+        if values.shape[1] != self.n_channels_:
+            raise DataError(f"data has {values.shape[1]} channels but the detector was trained on "
+                            f"{self.n_channels_} ({', '.join(self.channels_)})")
+        return self.scaler_.transform(values)
+
+    def score(self, X: Any) -> np.ndarray:
+        """One anomaly score per row (higher = more anomalous)."""
+        return self._aggregate(self._row_errors(self._prepare(X)))
+
+    def channel_scores(self, X: Any) -> np.ndarray:
+        """(rows, channels) normalised errors: which sensor drives an alert."""
+        return self._row_errors(self._prepare(X)) / self.channel_error_
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """p_anomaly per row in [0, 1], calibrated on held-out normal rows."""
+        return self.calibrator_.transform(self.score(X))
+
+    def predict(self, X: Any) -> np.ndarray:
+        """0/1 per row: 1 where the score exceeds the calibrated threshold."""
+        return (self.score(X) > self.threshold_).astype(np.int8)
+
+    def score_all(self, X: Any) -> dict[str, np.ndarray]:
+        """score, p_anomaly and anomaly in one pass."""
+        score = self.score(X)
+        return {
+            "score": score,
+            "p_anomaly": self.calibrator_.transform(score),
+            "anomaly": (score > self.threshold_).astype(np.int8),
+        }
+
+    # ------------------------------------------------------------------ merge
+    def merge(self) -> None:
+        """Fold the adapter into the base weights for zero inference overhead (LoRA family)."""
+        self._check_fitted()
+        self.method_.merge(self.model_)
+
+    def unmerge(self) -> None:
+        self._check_fitted()
+        self.method_.unmerge(self.model_)
+
+    # ------------------------------------------------------------------ persistence
+    def adapter_bytes(self, directory: str | Path) -> int:
+        """Bytes of the adapter tensor files on disk (what travels to a device)."""
+        adapter_dir = Path(directory) / ADAPTER_DIR
+        return sum(p.stat().st_size for p in adapter_dir.glob("*.safetensors"))
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the detector (adapter, scaler, threshold; the base is referenced by name and hash).
+
+        Written to a temporary folder first and swapped in at the end: a failure never leaves a
+        half-written detector, and an existing one is only replaced by a complete one.
+        """
+        self._check_fitted()
+        target = Path(directory)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        except OSError as exc:
+            raise OutputError(f"cannot write to {target} ({exc.strerror or exc})") from exc
+        try:
+            files = self.method_.save(self.model_, self.peft_config_, staging / ADAPTER_DIR)
+            state = {
+                "params": self.get_params(),
+                "base": self.base,
+                "base_sha256": self.base_sha256_,
+                "base_parameters": self.base_parameters_,
+                "channels": self.channels_,
+                "peft_config": dataclasses.asdict(self.peft_config_),
+                "scaler": self.scaler_.to_dict(),
+                "channel_error": self.channel_error_.tolist(),
+                "threshold": self.threshold_model_.to_dict(),
+                "calibrator": self.calibrator_.to_dict(),
+                "report": {k: float(v) for k, v in self.report_.items()},
+                "adapter_files": [f.name for f in files],
+            }
+            write_json(staging / DETECTOR_FILE, state)
+            if target.exists():
+                backup = target.with_name(f".{target.name}.old")
+                shutil.rmtree(backup, ignore_errors=True)
+                target.rename(backup)
+                staging.rename(target)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                staging.rename(target)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise OutputError(f"cannot write detector to {target} ({exc.strerror or exc})") from exc
+        return target
+
+    @classmethod
+    def load(cls, directory: str | Path) -> AnomalyDetector:
+        """Load a detector written by :meth:`save`; refuses one whose base weights differ."""
+        directory = Path(directory)
+        if not (directory / DETECTOR_FILE).exists():
+            raise ArtifactError(f"{directory} is not an edgepeft detector (no {DETECTOR_FILE}); run `edgepeft adapt`")
+        state = read_json(directory / DETECTOR_FILE)
+        try:
+            det = cls(**state["params"])
+            base_model = load_base(state["base"])
+            if state_sha256(base_model) != state["base_sha256"]:
+                raise ArtifactError(
+                    f"detector in {directory} was trained on a different version of base {state['base']!r} "
+                    "(weights hash differs); re-adapt it on this base"
+                )
+            det.channels_ = list(state["channels"])
+            det.n_channels_ = len(det.channels_)
+            det.base_sha256_ = state["base_sha256"]
+            det.base_parameters_ = int(state["base_parameters"])
+            det.peft_config_ = PeftConfig(**state["peft_config"])
+            det.scaler_ = ChannelScaler.from_dict(state["scaler"])
+            det.channel_error_ = np.asarray(state["channel_error"], dtype=np.float64)
+            det.threshold_model_ = threshold_from_dict(state["threshold"])
+            det.threshold_ = float(det.threshold_model_.threshold_)
+            det.calibrator_ = ScoreCalibrator.from_dict(state["calibrator"])
+            det.report_ = dict(state["report"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{directory / DETECTOR_FILE} is malformed ({exc})") from exc
+        base_model.set_n_channels(det.n_channels_)
+        method = get_method(det.peft_config_.method)
+        model = method.attach(base_model, det.peft_config_)
+        method.load(model, directory / ADAPTER_DIR)
+        model.eval()
+        det.model_, det.method_ = model, method
+        return det
+
+    # ------------------------------------------------------------------ sklearn conventions
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        return {
+            "base": self.base,
+            "method": self.method,
+            "rank": self.rank,
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "target_far": self.target_far,
+            "threshold": self.threshold,
+            "smoothing": self.smoothing,
+            "calib_fraction": self.calib_fraction,
+            "seed": self.seed,
+            "peft_options": copy.deepcopy(self.peft_options),
+        }
+
+    def info(self, directory: str | Path | None = None) -> dict[str, Any]:
+        """What this detector is: base, method, trainable share, adapter bytes, threshold."""
+        self._check_fitted()
+        card = load_card(self.base)
+        out: dict[str, Any] = {
+            "base": self.base,
+            "base_sha256": self.base_sha256_,
+            "base_parameters": self.base_parameters_,
+            "base_pretrain_steps": card.get("steps"),
+            "method": self.peft_config_.method,
+            "peft_config": dataclasses.asdict(self.peft_config_),
+            "channels": self.channels_,
+            "trainable_parameters": int(self.report_["trainable_parameters"]),
+            "trainable_share": float(self.report_["trainable_share"]),
+            "threshold": self.threshold_,
+            "threshold_kind": self.threshold,
+            "target_far": self.target_far,
+            "adapt_seconds": float(self.report_["adapt_seconds"]),
+        }
+        if directory is not None:
+            out["adapter_bytes"] = self.adapter_bytes(directory)
+        return out
+
+    def __repr__(self) -> str:
+        return f"AnomalyDetector({json.dumps(self.get_params())[1:-1]})"
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters (the delta)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]

@@ -1,0 +1,282 @@
+"""PatchEncoder: the frozen base model. A masked-patch transformer for multichannel sensor windows.
+
+Design, and why:
+- Channel-independent patches (PatchTST-style): every channel is cut into patches of ``patch_len``
+  samples and encoded by the same temporal transformer, so one base serves 1 to 64+ channels and any
+  sampling rate (it only ever sees samples, and was pretrained on time scales from a few to hundreds
+  of samples).
+- Instance normalisation per window and channel, computed over *visible* samples only (so a hidden
+  patch never leaks into its own prediction). Per-window normalisation alone hides level shifts and
+  variance changes, which often *are* the anomaly, so the removed mean and log-std enter the
+  sequence as a "stats token" and the output is de-normalised again: the model predicts in the
+  asset's own units and a level that does not fit the other channels is an error.
+- Cross-channel blocks attend across channels at each patch position. Which channel is which is a
+  per-asset fact, so channels carry small identity tags (``channel_tags``, ``d_channel`` numbers per
+  channel). Pretraining feeds random tags; an asset's adapter learns its own (they are part of every
+  delta, a few hundred numbers).
+- Objective: reconstruct hidden patches. Hiding the last patch of every channel is forecasting, which
+  makes scoring causal: the error at row t compares row t with a prediction made from rows before its
+  patch.
+
+Shapes: B batch, L window_len, C channels, N = L // patch_len patches, P patch_len, D d_model.
+
+Example:
+    >>> import torch
+    >>> model = PatchEncoder(PatchEncoderConfig(d_model=32, n_heads=2, n_layers=1, d_ff=64))
+    >>> x = torch.randn(4, 64, 3)                     # (B, L, C)
+    >>> hidden = model.forecast_mask(4, 3)            # hide the last patch of every channel
+    >>> model(x, hidden).shape
+    torch.Size([4, 64, 3])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgepeft.core.errors import ConfigError, ModelError
+
+
+@dataclass
+class PatchEncoderConfig:
+    """Size and shape of a PatchEncoder.
+
+    Attributes:
+        window_len: samples per window the model sees (L); a multiple of ``patch_len``.
+        patch_len: samples per patch (P); the forecast horizon when scoring.
+        d_model: token width (D).
+        n_heads: attention heads; must divide ``d_model``.
+        n_layers: temporal (channel-independent) transformer blocks.
+        n_channel_layers: cross-channel blocks after the temporal ones.
+        d_ff: hidden width of each block's MLP.
+        d_channel: width of the per-asset channel identity tags.
+        dropout: dropout inside blocks (0 for the small models we ship).
+    """
+
+    window_len: int = 64
+    patch_len: int = 8
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 3
+    n_channel_layers: int = 1
+    d_ff: int = 128
+    d_channel: int = 16
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.patch_len < 1 or self.window_len % self.patch_len:
+            raise ConfigError(f"window_len {self.window_len} must be a multiple of patch_len {self.patch_len}")
+        if self.window_len // self.patch_len < 2:
+            raise ConfigError("window_len must hold at least two patches (context and target)")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"n_heads {self.n_heads} must divide d_model {self.d_model}")
+        if self.n_layers < 1 or self.n_channel_layers < 0:
+            raise ConfigError("need at least one temporal layer and zero or more channel layers")
+
+    @property
+    def n_patches(self) -> int:
+        return self.window_len // self.patch_len
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q/k/v/o projections (LoRA targets them by name).
+
+    ``prefix_k`` / ``prefix_v`` are optional learned key/value prefixes (prefix tuning); the base has
+    none and the prefix method registers them.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.q = nn.Linear(d_model, d_model)
+        self.k = nn.Linear(d_model, d_model)
+        self.v = nn.Linear(d_model, d_model)
+        self.o = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+        self.register_parameter("prefix_k", None)
+        self.register_parameter("prefix_v", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape  # (B', T, D)
+        head_dim = width // self.n_heads
+        q = self.q(x).view(batch, tokens, self.n_heads, head_dim).transpose(1, 2)  # (B', H, T, hd)
+        k = self.k(x)
+        v = self.v(x)
+        if self.prefix_k is not None and self.prefix_v is not None:
+            n_prefix = self.prefix_k.shape[0]
+            k = torch.cat([self.prefix_k.unsqueeze(0).expand(batch, n_prefix, width), k], dim=1)
+            v = torch.cat([self.prefix_v.unsqueeze(0).expand(batch, n_prefix, width), v], dim=1)
+        k = k.view(batch, -1, self.n_heads, head_dim).transpose(1, 2)  # (B', H, T+prefix, hd)
+        v = v.view(batch, -1, self.n_heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.o(out.transpose(1, 2).reshape(batch, tokens, width))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(F.gelu(self.fc1(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: PatchEncoderConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class PatchEncoder(nn.Module):
+    """Masked-patch transformer over (B, L, C) windows; see the module docstring for the design."""
+
+    # The smallest scale the instance normaliser divides by, in asset-standardised units: a stuck or
+    # flat channel must not blow its noise up to unit variance.
+    MIN_STD = 1e-2
+
+    def __init__(self, cfg: PatchEncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.window_len = cfg.window_len
+        self.patch_len = cfg.patch_len
+        self.patch_embed = nn.Linear(cfg.patch_len, cfg.d_model)
+        self.stat_embed = nn.Linear(2, cfg.d_model)
+        self.mask_token = nn.Parameter(torch.zeros(cfg.d_model))
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.n_patches + 1, cfg.d_model))
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.channel_proj = nn.Linear(cfg.d_channel, cfg.d_model)
+        self.channel_blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_channel_layers)])
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.patch_len)
+        # Per-asset channel identity tags; empty in the base, sized by set_n_channels for an asset.
+        self.channel_tags = nn.Parameter(torch.zeros(0, cfg.d_channel), requires_grad=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise weights (used for pretraining and for the train-from-scratch baseline)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def set_n_channels(self, n_channels: int, seed: int = 0) -> None:
+        """Give the model ``n_channels`` identity tags, drawn like pretraining's random tags."""
+        gen = torch.Generator().manual_seed(seed)
+        tags = torch.randn(n_channels, self.cfg.d_channel, generator=gen)
+        self.channel_tags = nn.Parameter(tags, requires_grad=self.channel_tags.requires_grad)
+
+    def forecast_mask(self, batch: int, n_channels: int) -> torch.Tensor:
+        """(B, C, N) bool: hide the last patch of every channel, i.e. forecast it."""
+        hidden = torch.zeros(batch, n_channels, self.cfg.n_patches, dtype=torch.bool)
+        hidden[:, :, -1] = True
+        return hidden
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        hidden: torch.Tensor | None = None,
+        channel_tags: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Reconstruct ``x`` (B, L, C) from its visible patches.
+
+        Args:
+            x: windows in asset-standardised units, (B, L, C).
+            hidden: (B, C, N) bool, True where a patch is hidden from the model; None hides nothing.
+            channel_tags: (C, d_channel) or (B, C, d_channel); None uses the asset's own tags
+                (or zeros for a bare base).
+
+        Returns:
+            (B, L, C) reconstruction; only hidden patches are meaningful predictions.
+        """
+        cfg = self.cfg
+        batch, length, n_channels = x.shape
+        if length != cfg.window_len:
+            raise ModelError(f"window has {length} samples; this base expects {cfg.window_len}")
+        n_patches, patch_len = cfg.n_patches, cfg.patch_len
+        if hidden is None:
+            hidden = torch.zeros(batch, n_channels, n_patches, dtype=torch.bool, device=x.device)
+        patches = x.transpose(1, 2).reshape(batch, n_channels, n_patches, patch_len)  # (B, C, N, P)
+
+        # Instance statistics over visible samples only; fully hidden channels fall back to the
+        # asset scale (mean 0, std 1) because the data arrives asset-standardised.
+        visible = (~hidden).unsqueeze(-1).to(x.dtype)  # (B, C, N, 1)
+        count = visible.sum(dim=(2, 3)) * patch_len  # (B, C)
+        safe = count.clamp(min=1.0)
+        mean = (patches * visible).sum(dim=(2, 3)) / safe  # (B, C)
+        var = (((patches - mean[..., None, None]) ** 2) * visible).sum(dim=(2, 3)) / safe
+        has_data = count > 0
+        mean = torch.where(has_data, mean, torch.zeros_like(mean))
+        std = torch.where(has_data, var.sqrt().clamp(min=self.MIN_STD), torch.ones_like(var))
+        normed = (patches - mean[..., None, None]) / std[..., None, None] * visible  # (B, C, N, P)
+
+        tokens = self.patch_embed(normed)  # (B, C, N, D)
+        tokens = torch.where(hidden.unsqueeze(-1), self.mask_token.expand_as(tokens), tokens)
+        stats = torch.stack([mean, std.log()], dim=-1)  # (B, C, 2)
+        stat_token = self.stat_embed(stats).unsqueeze(2)  # (B, C, 1, D)
+        seq = torch.cat([stat_token, tokens], dim=2) + self.pos_embed  # (B, C, N+1, D)
+
+        width = cfg.d_model
+        seq = seq.reshape(batch * n_channels, n_patches + 1, width)  # channel-independent
+        for block in self.blocks:
+            seq = block(seq)
+
+        if self.channel_blocks:
+            tags = self._channel_tags(channel_tags, n_channels, x)
+            mixed = seq.reshape(batch, n_channels, n_patches + 1, width).transpose(1, 2)  # (B, N+1, C, D)
+            mixed = mixed + self.channel_proj(tags).unsqueeze(1)  # tags broadcast over positions
+            mixed = mixed.reshape(batch * (n_patches + 1), n_channels, width)
+            for block in self.channel_blocks:
+                mixed = block(mixed)
+            seq = mixed.reshape(batch, n_patches + 1, n_channels, width).transpose(1, 2)
+        seq = seq.reshape(batch, n_channels, n_patches + 1, width)
+
+        out = self.head(self.ln_f(seq[:, :, 1:]))  # (B, C, N, P), normalised units
+        out = out * std[..., None, None] + mean[..., None, None]
+        return out.reshape(batch, n_channels, length).transpose(1, 2)  # (B, L, C)
+
+    def _channel_tags(self, given: torch.Tensor | None, n_channels: int, x: torch.Tensor) -> torch.Tensor:
+        if given is not None:
+            tags = given
+        elif self.channel_tags.shape[0] == n_channels:
+            tags = self.channel_tags
+        elif self.channel_tags.shape[0] == 0:
+            tags = torch.zeros(n_channels, self.cfg.d_channel, dtype=x.dtype, device=x.device)
+        else:
+            raise ModelError(
+                f"data has {n_channels} channels but this adapter was trained on {self.channel_tags.shape[0]}"
+            )
+        if tags.dim() == 2:
+            tags = tags.unsqueeze(0).expand(x.shape[0], n_channels, tags.shape[-1])
+        return tags  # (B, C, d_channel)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of (trainable) parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def param_summary(cfg: PatchEncoderConfig) -> dict[str, float]:
+    """Parameters of a config, without pretrained weights (for sizing decisions)."""
+    model = PatchEncoder(cfg)
+    n = count_parameters(model)
+    return {"parameters": n, "megabytes_fp32": n * 4 / 1e6, "log10": math.log10(n)}
