@@ -12,7 +12,9 @@ from edgepeft.models.patch_encoder import PatchEncoder, PatchEncoderConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"
-TINY_CFG = PatchEncoderConfig(window_len=32, patch_len=8, d_model=32, n_heads=2, n_layers=1, n_channel_layers=1, d_ff=64)
+TINY_CFG = PatchEncoderConfig(
+    window_len=32, patch_len=8, d_model=32, n_heads=2, n_layers=1, n_channel_layers=1, d_ff=64
+)
 
 
 def make_tiny_base(seed: int = 0) -> PatchEncoder:

@@ -88,7 +88,7 @@ def _warnings_to_console() -> Iterator[None]:
 
 @app.command()
 def adapt(
-    train: Annotated[Path, typer.Argument(help="CSV of the asset's NORMAL operation (rows = time, columns = sensors).")],
+    train: Annotated[Path, typer.Argument(help="CSV of the asset's NORMAL operation (rows = time).")],
     out: Annotated[Path, typer.Option("--out", help="Directory to write the adapter (detector) to.")],
     base: Annotated[str, typer.Option(help="Base model: tiny or small (or a registered one).")] = "small",
     method: Annotated[str, typer.Option(help="lora|dora|ia3|adapter|prefix|bitfit|full|scratch")] = "lora",
@@ -98,8 +98,8 @@ def adapt(
     target_far: Annotated[float, typer.Option(help="Target false-alarm rate on normal data.")] = 0.01,
     threshold: Annotated[str, typer.Option(help="Threshold calibration: pot or quantile.")] = "pot",
     rows: Annotated[int | None, typer.Option(help="Use only the first ROWS rows of TRAIN.")] = None,
-    time_col: Annotated[str | None, typer.Option("--time-col", help="Timestamp column (detected if omitted).")] = None,
-    drop: Annotated[str | None, typer.Option(help="Comma-separated columns to ignore, e.g. anomaly,changepoint.")] = None,
+    time_col: Annotated[str | None, typer.Option("--time-col", help="Timestamp column (else detected).")] = None,
+    drop: Annotated[str | None, typer.Option(help="Columns to ignore, e.g. anomaly,changepoint.")] = None,
 ) -> None:
     """Train a per-asset adapter on normal data and calibrate its alarm threshold."""
     from edgepeft.data.csvio import read_sensor_csv
@@ -136,9 +136,9 @@ def adapt(
 def score(
     adapter: Annotated[Path, typer.Argument(help="Adapter directory written by `edgepeft adapt`.")],
     data: Annotated[Path, typer.Argument(help="CSV to score (same sensor columns as training).")],
-    out: Annotated[Path, typer.Option("--out", help="CSV to write: score, p_anomaly, anomaly (one row per input row).")],
-    time_col: Annotated[str | None, typer.Option("--time-col", help="Timestamp column (detected if omitted).")] = None,
-    drop: Annotated[str | None, typer.Option(help="Comma-separated columns to ignore, e.g. anomaly,changepoint.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="CSV to write: score, p_anomaly, anomaly per input row.")],
+    time_col: Annotated[str | None, typer.Option("--time-col", help="Timestamp column (else detected).")] = None,
+    drop: Annotated[str | None, typer.Option(help="Columns to ignore, e.g. anomaly,changepoint.")] = None,
 ) -> None:
     """Score a CSV with an adapter: one output row per input row, in order."""
     import pandas as pd
@@ -174,7 +174,8 @@ def info(adapter: Annotated[Path, typer.Argument(help="Adapter directory written
     table.add_column("field", style="bold")
     table.add_column("value")
     rows = [
-        ("base", f"{details['base']} ({details['base_parameters']:,} parameters, sha256 {details['base_sha256'][:16]}…)"),
+        ("base", f"{details['base']} ({details['base_parameters']:,} parameters, "
+                 f"sha256 {details['base_sha256'][:16]}…)"),
         ("method", details["method"]),
         ("peft config", ", ".join(f"{k}={v}" for k, v in details["peft_config"].items() if v is not None)),
         ("channels", f"{len(details['channels'])}: {', '.join(details['channels'])}"),
@@ -202,7 +203,8 @@ def pretrain(
 ) -> None:
     """Pretrain a base encoder on generated sensor signals; resumes from checkpoints."""
     from edgepeft.models.registry import base_config
-    from edgepeft.train.pretrain import PretrainConfig, pretrain as run_pretrain
+    from edgepeft.train.pretrain import PretrainConfig
+    from edgepeft.train.pretrain import pretrain as run_pretrain
 
     model_cfg = base_config(base)
     cfg = PretrainConfig(

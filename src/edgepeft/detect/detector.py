@@ -2,11 +2,15 @@
 
 How a score is made, and why:
 1. The asset's normal data fixes a per-channel scaler (shipped with the adapter).
-2. Every patch of the series is forecast from the rows before it (its window's last patch hidden).
-   The error at row t therefore depends only on rows <= t, and rows with little history are scored
-   with what history there is (missing patches are hidden, never invented).
-3. Squared errors are divided per channel by that channel's typical error on the training data, so a
-   noisy sensor does not drown a quiet one, then averaged over channels.
+2. Two causal predictions of every patch, each from rows before the patch only, so the score at row t
+   depends only on rows <= t; rows with little history are scored with what history there is (missing
+   patches are hidden, never invented):
+   - forecast: each sensor's next patch from the history of all sensors;
+   - blind (virtual sensor): each sensor's next patch with that sensor hidden entirely, from the
+     other sensors' history. A forecaster happily follows a sensor that drifted or broke away from
+     the others; the blind prediction does not, which is how MSET-style methods catch relation faults.
+3. Squared errors are divided per channel and per kind by their typical value on the training rows, so
+   a noisy sensor does not drown a quiet one, then mixed (``blind_weight``) and averaged over channels.
 4. A trailing (causal) mean over ``smoothing`` rows: real faults are collective, single-row noise is not.
 5. A threshold is calibrated on held-out *normal* rows for a target false-alarm rate (quantile or
    peaks-over-threshold), and the same held-out scores calibrate ``p_anomaly``.
@@ -71,6 +75,7 @@ class AnomalyDetector:
         target_far: float = 0.01,
         threshold: str = "pot",
         smoothing: int = 8,
+        blind_weight: float = 0.5,
         calib_fraction: float = 0.2,
         seed: int = 0,
         peft_options: dict[str, Any] | None = None,
@@ -84,6 +89,7 @@ class AnomalyDetector:
         self.target_far = target_far
         self.threshold = threshold
         self.smoothing = smoothing
+        self.blind_weight = blind_weight
         self.calib_fraction = calib_fraction
         self.seed = seed
         self.peft_options = peft_options
@@ -98,6 +104,8 @@ class AnomalyDetector:
             raise ConfigError(f"target_far must be in (0, 0.5), got {self.target_far}")
         if self.smoothing < 1:
             raise ConfigError(f"smoothing must be >= 1 row, got {self.smoothing}")
+        if not 0.0 <= self.blind_weight <= 1.0:
+            raise ConfigError(f"blind_weight must be in [0, 1], got {self.blind_weight}")
         if not 0.05 <= self.calib_fraction <= 0.5:
             raise ConfigError(f"calib_fraction must be in [0.05, 0.5], got {self.calib_fraction}")
 
@@ -145,7 +153,8 @@ class AnomalyDetector:
         # Typical per-channel error on the fitted rows sets the channel weights; the held-out rows,
         # scored with their real history, calibrate threshold and probability.
         errors = self._row_errors(scaled)
-        self.channel_error_ = np.maximum(errors[:n_fit].mean(axis=0), 1e-6)
+        full_context = min(window_len, n_fit // 2)  # rows with a whole window of history
+        self.channel_error_ = np.maximum(errors[full_context:n_fit].mean(axis=0), 1e-6)
         calib_scores = self._aggregate(errors)[n_fit:]
         self.threshold_model_ = make_threshold(self.threshold, self.target_far).fit(calib_scores)
         self.threshold_ = float(self.threshold_model_.threshold_)
@@ -165,22 +174,38 @@ class AnomalyDetector:
             raise ConfigError("this AnomalyDetector is not fitted yet; call fit(X_normal) or AnomalyDetector.load(dir)")
 
     @torch.no_grad()
-    def _row_errors(self, scaled: np.ndarray, batch_windows: int = 256) -> np.ndarray:
-        """(T, C) squared forecast errors in asset-standardised units."""
+    def _row_errors(self, scaled: np.ndarray, batch_windows: int = 128) -> np.ndarray:
+        """(T, C, 2) squared errors in asset-standardised units: [..., 0] forecast, [..., 1] blind."""
         encoder = self.method_.encoder(self.model_)
         windows, hidden = scoring_windows(scaled, encoder.window_len, encoder.patch_len)
         patch_len = encoder.patch_len
-        out = np.empty((windows.shape[0], patch_len, windows.shape[2]), dtype=np.float32)
+        n_windows, _, n_channels = windows.shape
+        blind = n_channels > 1 and self.blind_weight > 0
+        out = np.zeros((n_windows, patch_len, n_channels, 2), dtype=np.float32)
         self.model_.eval()
-        for start in range(0, len(windows), batch_windows):
-            chunk = torch.from_numpy(windows[start : start + batch_windows])
-            recon = self.model_(chunk, torch.from_numpy(hidden[start : start + batch_windows]))
-            out[start : start + len(chunk)] = recon[:, -patch_len:, :].numpy()
-        predicted = out.reshape(-1, windows.shape[2])[: scaled.shape[0]]  # (T, C)
-        return (predicted - scaled) ** 2
+        eye = torch.eye(n_channels, dtype=torch.bool)[:, :, None]  # (C, C, 1): pass c hides channel c
+        for start in range(0, n_windows, batch_windows):
+            chunk = torch.from_numpy(windows[start : start + batch_windows])  # (b, L, C)
+            mask = torch.from_numpy(hidden[start : start + batch_windows])  # (b, C, N)
+            stop = start + len(chunk)
+            out[start:stop, :, :, 0] = self.model_(chunk, mask)[:, -patch_len:, :].numpy()
+            if blind:
+                # One pass per hidden channel, batched: (b*C, L, C) with channel c hidden in copy c.
+                reps = chunk.repeat_interleave(n_channels, dim=0)
+                blind_mask = (mask.unsqueeze(1) | eye.unsqueeze(0)).reshape(-1, n_channels, mask.shape[-1])
+                recon = self.model_(reps, blind_mask)[:, -patch_len:, :]  # (b*C, P, C)
+                recon = recon.reshape(len(chunk), n_channels, patch_len, n_channels)
+                out[start:stop, :, :, 1] = torch.diagonal(recon, dim1=1, dim2=3).numpy()  # (b, P, C)
+        predicted = out.reshape(-1, n_channels, 2)[: scaled.shape[0]]  # (T, C, 2)
+        errors = (predicted - scaled[:, :, None]) ** 2
+        if not blind:
+            errors[..., 1] = errors[..., 0]
+        return errors
 
     def _aggregate(self, errors: np.ndarray) -> np.ndarray:
-        score = (errors / self.channel_error_).mean(axis=1)  # (T,)
+        normalised = errors / self.channel_error_  # (T, C, 2)
+        mixed = (1 - self.blind_weight) * normalised[..., 0] + self.blind_weight * normalised[..., 1]
+        score = mixed.mean(axis=1)  # (T,)
         if self.smoothing > 1:
             # Trailing mean: the first rows average over what exists (causal, nothing dropped).
             cumsum = np.concatenate([[0.0], np.cumsum(score, dtype=np.float64)])
@@ -203,8 +228,9 @@ class AnomalyDetector:
         return self._aggregate(self._row_errors(self._prepare(X)))
 
     def channel_scores(self, X: Any) -> np.ndarray:
-        """(rows, channels) normalised errors: which sensor drives an alert."""
-        return self._row_errors(self._prepare(X)) / self.channel_error_
+        """(rows, channels) normalised errors before smoothing: which sensor drives an alert."""
+        normalised = self._row_errors(self._prepare(X)) / self.channel_error_
+        return (1 - self.blind_weight) * normalised[..., 0] + self.blind_weight * normalised[..., 1]
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """p_anomaly per row in [0, 1], calibrated on held-out normal rows."""
@@ -330,6 +356,7 @@ class AnomalyDetector:
             "target_far": self.target_far,
             "threshold": self.threshold,
             "smoothing": self.smoothing,
+            "blind_weight": self.blind_weight,
             "calib_fraction": self.calib_fraction,
             "seed": self.seed,
             "peft_options": copy.deepcopy(self.peft_options),

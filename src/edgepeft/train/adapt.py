@@ -36,8 +36,9 @@ class AdaptConfig:
         steps: optimiser steps.
         batch_size: windows per step.
         weight_decay: AdamW weight decay on the trained parameters.
-        forecast_prob: share of windows trained on the forecast pattern (the scoring task).
-        mask_ratio: share of patches hidden in the scattered pattern.
+        forecast_prob: share of windows trained on the forecast pattern (a scoring task).
+        blind_prob: share trained on the blind pattern: one sensor predicted from the others (a scoring task).
+        mask_ratio: share of patches hidden in the scattered pattern (the rest of the windows).
         grad_clip: gradient norm clip (stability on tiny data sets).
         seed: seeds window sampling, masks and any random init.
     """
@@ -45,7 +46,8 @@ class AdaptConfig:
     steps: int = 150
     batch_size: int = 32
     weight_decay: float = 0.0
-    forecast_prob: float = 0.6
+    forecast_prob: float = 0.4
+    blind_prob: float = 0.4
     mask_ratio: float = 0.3
     grad_clip: float = 1.0
     seed: int = 0
@@ -94,7 +96,7 @@ def adapt(
     start = time.perf_counter()
     for step in range(cfg.steps):
         windows, pad = training_windows(series, cfg.batch_size, window_len, patch_len, rng)
-        hidden, target = sample_hidden(pad, rng, cfg.forecast_prob, cfg.mask_ratio)
+        hidden, target = sample_hidden(pad, rng, cfg.forecast_prob, cfg.mask_ratio, cfg.blind_prob)
         loss = masked_mse(model, torch.from_numpy(windows), torch.from_numpy(hidden), torch.from_numpy(target))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -4,8 +4,10 @@ Three patterns, mixed per window, each teaching something the detector relies on
 - forecast: the last patch of every channel hidden, exactly what scoring asks (causal prediction);
 - random: scattered patches hidden across channels and time, the masked-modelling objective that
   teaches the shape of normal signals;
-- channel-out: the last patches of one channel hidden while the others stay visible, so the
-  cross-channel block learns to predict a sensor from its neighbours (what MSET and T²+Q exploit).
+- blind: one channel hidden entirely and the last patch of every channel hidden, so the model must
+  predict that sensor's next patch from the *other* sensors' history alone: a learned virtual sensor
+  (what MSET and T²+Q exploit), and still causal. A fault that breaks the relation between sensors
+  shows up here even when each sensor on its own looks normal and forecastable.
 Padding patches (no history) are always hidden and never scored.
 """
 
@@ -15,7 +17,11 @@ import numpy as np
 
 
 def sample_hidden(
-    pad: np.ndarray, rng: np.random.Generator, forecast_prob: float = 0.5, mask_ratio: float = 0.3
+    pad: np.ndarray,
+    rng: np.random.Generator,
+    forecast_prob: float = 0.4,
+    mask_ratio: float = 0.3,
+    blind_prob: float = 0.3,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return (hidden, target) masks, both (K, C, N) bool: what the model cannot see, and where the loss is.
 
@@ -30,12 +36,10 @@ def sample_hidden(
     hidden = np.zeros_like(pad)
     forecast = choice < forecast_prob
     hidden[forecast, :, -1] = True
-    channel_out = (choice >= forecast_prob) & (choice < forecast_prob + (1 - forecast_prob) / 3) & (n_channels > 1)
-    for k in np.flatnonzero(channel_out):
-        channel = rng.integers(n_channels)
-        span = rng.integers(1, max(2, n_patches // 2))
-        hidden[k, channel, n_patches - span :] = True
-    scattered = ~(forecast | channel_out)
+    blind = (choice >= forecast_prob) & (choice < forecast_prob + blind_prob) & (n_channels > 1)
+    hidden[blind, :, -1] = True
+    hidden[np.flatnonzero(blind), rng.integers(n_channels, size=int(blind.sum())), :] = True
+    scattered = ~(forecast | blind)
     hidden[scattered] = rng.random((int(scattered.sum()), n_channels, n_patches)) < mask_ratio
     target = hidden & ~pad
     # A window whose random draw hid nothing real still gets one target: its last patch.

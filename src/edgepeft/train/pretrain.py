@@ -212,7 +212,8 @@ def pretrain(
             group["lr"] = lr_at(step)
         recon = model(torch.from_numpy(windows), torch.from_numpy(hidden), channel_tags=tags)
         batch, length, n_channels = windows.shape
-        err = ((recon - torch.from_numpy(windows)) ** 2).transpose(1, 2).reshape(batch, n_channels, -1, model_cfg.patch_len)
+        err = ((recon - torch.from_numpy(windows)) ** 2).transpose(1, 2)
+        err = err.reshape(batch, n_channels, -1, model_cfg.patch_len)
         weight = torch.from_numpy(target).float()
         loss = (err.mean(-1) * weight).sum() / weight.sum().clamp(min=1.0)
         optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,127 @@
+"""AnomalyDetector on seeded synthetic data: API conventions, quality floor, persistence, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from edgepeft.core.errors import ArtifactError, ConfigError, DataError
+from edgepeft.detect.detector import AnomalyDetector
+from tests.conftest import sine_series
+
+
+def _with_fault(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normal training rows, and test rows where channel 1 breaks its relation to the others for a while."""
+    series = sine_series(1800, 3, seed=seed)
+    train, test = series[:1000], series[1000:].copy()
+    labels = np.zeros(len(test), dtype=int)
+    labels[400:520] = 1
+    test[400:520, 1] = test[400:520, 1] * -0.5 + 0.8  # inverted, shifted: plausible range, wrong relation
+    return train, test, labels
+
+
+@pytest.fixture(scope="module")
+def fitted() -> AnomalyDetector:
+    train, _, _ = _with_fault()
+    return AnomalyDetector(base="tiny", method="lora", rank=4, steps=40, seed=0).fit(train)
+
+
+def test_fit_returns_self_and_sets_fitted_state(fitted: AnomalyDetector) -> None:
+    for attr in ("scaler_", "threshold_", "calibrator_", "channel_error_", "model_", "channels_"):
+        assert hasattr(fitted, attr)
+    assert fitted.get_params()["method"] == "lora"
+    fresh = AnomalyDetector(base="tiny")
+    assert not hasattr(fresh, "threshold_")  # no work in __init__
+
+
+def test_scores_separate_the_fault(fitted: AnomalyDetector) -> None:
+    _, test, labels = _with_fault()
+    scores = fitted.score(test)
+    assert scores.shape == (len(test),)
+    assert np.isfinite(scores).all()
+    assert roc_auc_score(labels, scores) > 0.9
+    pred = fitted.predict(test)
+    assert set(np.unique(pred)) <= {0, 1}
+    assert pred[labels == 1].mean() > pred[labels == 0].mean()
+
+
+def test_probabilities_are_calibrated_into_unit_interval(fitted: AnomalyDetector) -> None:
+    _, test, _ = _with_fault()
+    proba = fitted.predict_proba(test)
+    assert ((proba >= 0) & (proba <= 1)).all()
+    out = fitted.score_all(test)
+    assert np.array_equal(out["anomaly"], fitted.predict(test))
+
+
+def test_prefix_scores_do_not_depend_on_later_rows(fitted: AnomalyDetector) -> None:
+    _, test, _ = _with_fault()
+    full = fitted.score(test)
+    prefix = fitted.score(test[:333])
+    np.testing.assert_allclose(prefix, full[:333], rtol=1e-5, atol=1e-6)
+
+
+def test_short_input_is_scored_row_by_row(fitted: AnomalyDetector) -> None:
+    _, test, _ = _with_fault()
+    assert fitted.score(test[:5]).shape == (5,)
+
+
+def test_dataframe_input_and_column_order(fitted: AnomalyDetector) -> None:
+    train, test, _ = _with_fault()
+    cols = ["a", "b", "c"]
+    det = AnomalyDetector(base="tiny", method="bitfit", steps=5).fit(pd.DataFrame(train, columns=cols))
+    frame = pd.DataFrame(test, columns=cols)
+    np.testing.assert_allclose(det.score(frame[["c", "a", "b"]]), det.score(frame), rtol=1e-6)
+    with pytest.raises(DataError, match="channel"):
+        det.score(pd.DataFrame(test, columns=["a", "b", "x"]))
+
+
+def test_save_load_round_trip(fitted: AnomalyDetector, tmp_path) -> None:
+    _, test, _ = _with_fault()
+    fitted.save(tmp_path / "det")
+    loaded = AnomalyDetector.load(tmp_path / "det")
+    assert np.array_equal(loaded.score(test), fitted.score(test))
+    assert loaded.threshold_ == fitted.threshold_
+    assert fitted.adapter_bytes(tmp_path / "det") > 0
+
+
+def test_lora_merge_keeps_scores(tmp_path) -> None:
+    train, test, _ = _with_fault()
+    det = AnomalyDetector(base="tiny", method="lora", rank=4, steps=10).fit(train)
+    before = det.score(test)
+    det.merge()
+    np.testing.assert_allclose(det.score(test), before, rtol=1e-4, atol=1e-5)
+    det.unmerge()
+    np.testing.assert_allclose(det.score(test), before, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input_raises_clear_errors(fitted: AnomalyDetector, tmp_path) -> None:
+    train, test, _ = _with_fault()
+    with pytest.raises(DataError, match="channels"):
+        fitted.score(test[:, :2])
+    with pytest.raises(DataError, match="rows"):
+        AnomalyDetector(base="tiny", steps=1).fit(train[:20])
+    bad = train.copy()
+    bad[100:200, 0] = np.nan
+    with pytest.raises(DataError):
+        AnomalyDetector(base="tiny", steps=1).fit(bad)
+    with pytest.raises(ConfigError, match="unknown method"):
+        AnomalyDetector(base="tiny", method="magic").fit(train)
+    with pytest.raises(ConfigError, match="unknown base"):
+        AnomalyDetector(base="huge").fit(train)
+    with pytest.raises(ConfigError, match="not fitted"):
+        AnomalyDetector().score(test)
+    with pytest.raises(ArtifactError):
+        AnomalyDetector.load(tmp_path / "nothing-here")
+
+
+def test_tampered_detector_file_is_refused(fitted: AnomalyDetector, tmp_path) -> None:
+    fitted.save(tmp_path / "det")
+    (tmp_path / "det" / "detector.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        AnomalyDetector.load(tmp_path / "det")
+    fitted.save(tmp_path / "det2")
+    (tmp_path / "det2" / "adapter" / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match="safetensors"):
+        AnomalyDetector.load(tmp_path / "det2")
