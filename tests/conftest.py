@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# One thread: small models gain little from more, and on a shared machine OpenMP spinning makes more
+# threads far slower (see cli._limit_threads). Subprocesses started by tests inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
 import torch
 
 from edgepeft.models.patch_encoder import PatchEncoder, PatchEncoderConfig
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"

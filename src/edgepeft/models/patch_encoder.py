@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from edgepeft.core.errors import ConfigError, ModelError
@@ -163,6 +164,8 @@ class PatchEncoder(nn.Module):
         self.channel_blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_channel_layers)])
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.patch_len)
+        # Training-time memory switch (not part of the weights): recompute blocks in backward.
+        self.checkpoint_blocks = False
         # Per-asset channel identity tags; empty in the base, sized by set_n_channels for an asset.
         self.channel_tags = nn.Parameter(torch.zeros(0, cfg.d_channel), requires_grad=False)
         self.reset_parameters()
@@ -237,8 +240,16 @@ class PatchEncoder(nn.Module):
 
         width = cfg.d_model
         seq = seq.reshape(batch * n_channels, n_patches + 1, width)  # channel-independent
-        for block in self.blocks:
-            seq = block(seq)
+        # Blocks before the first one with a trainable parameter need no backward pass: running them
+        # without autograd stores none of their activations (TinyTL's point: on small models,
+        # activations, not parameters, dominate training memory).
+        first_trainable = self._first_trainable_block() if torch.is_grad_enabled() else 0
+        for index, block in enumerate(self.blocks):
+            if index < first_trainable:
+                with torch.no_grad():
+                    seq = block(seq)
+            else:
+                seq = self._run_block(block, seq)
 
         if self.channel_blocks:
             tags = self._channel_tags(channel_tags, n_channels, x)
@@ -246,13 +257,31 @@ class PatchEncoder(nn.Module):
             mixed = mixed + self.channel_proj(tags).unsqueeze(1)  # tags broadcast over positions
             mixed = mixed.reshape(batch * (n_patches + 1), n_channels, width)
             for block in self.channel_blocks:
-                mixed = block(mixed)
+                mixed = self._run_block(block, mixed)
             seq = mixed.reshape(batch, n_patches + 1, n_channels, width).transpose(1, 2)
         seq = seq.reshape(batch, n_channels, n_patches + 1, width)
 
         out = self.head(self.ln_f(seq[:, :, 1:]))  # (B, C, N, P), normalised units
         out = out * std[..., None, None] + mean[..., None, None]
         return out.reshape(batch, n_channels, length).transpose(1, 2)  # (B, L, C)
+
+    def _run_block(self, block: nn.Module, seq: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+            # Recompute the block in backward instead of storing its activations.
+            return torch.utils.checkpoint.checkpoint(block, seq, use_reentrant=False)
+        return block(seq)
+
+    def _first_trainable_block(self) -> int:
+        """Index of the first temporal block that (or whose inputs) must be differentiated."""
+        embeddings = [self.patch_embed, self.stat_embed]
+        if self.mask_token.requires_grad or self.pos_embed.requires_grad or any(
+            p.requires_grad for m in embeddings for p in m.parameters()
+        ):
+            return 0
+        for index, block in enumerate(self.blocks):
+            if any(p.requires_grad for p in block.parameters()):
+                return index
+        return len(self.blocks)
 
     def _channel_tags(self, given: torch.Tensor | None, n_channels: int, x: torch.Tensor) -> torch.Tensor:
         if given is not None:

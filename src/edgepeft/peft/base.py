@@ -42,6 +42,9 @@ class PeftConfig:
         target_modules: module-name suffixes that receive adapters; None means the method's default.
         bottleneck: hidden width of bottleneck adapters.
         n_prefix: learned key/value prefix length per attention layer (prefix tuning).
+        adapt_last: put adapters only in the last N blocks (temporal blocks, then channel blocks);
+            None means every block. Fewer adapted blocks means the frozen blocks before them run
+            without storing activations: the main lever on training memory.
     """
 
     method: str = "lora"
@@ -51,12 +54,15 @@ class PeftConfig:
     target_modules: list[str] | None = None
     bottleneck: int = 8
     n_prefix: int = 4
+    adapt_last: int | None = None
 
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ConfigError(f"rank must be >= 1, got {self.rank}")
         if self.bottleneck < 1 or self.n_prefix < 1:
             raise ConfigError("bottleneck and n_prefix must be >= 1")
+        if self.adapt_last is not None and self.adapt_last < 1:
+            raise ConfigError(f"adapt_last must be >= 1 (or None for every block), got {self.adapt_last}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -129,6 +135,13 @@ class PeftMethod:
 
     def unmerge(self, model: nn.Module) -> None:
         raise ConfigError(f"method {self.name!r} cannot be merged into the base")
+
+
+def adapted_blocks(model: nn.Module, cfg: PeftConfig) -> list[tuple[str, nn.Module]]:
+    """(qualified name, block) of the blocks that receive adapters, in forward order."""
+    named = [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+    named += [(f"channel_blocks.{i}", b) for i, b in enumerate(getattr(model, "channel_blocks", []))]
+    return named if cfg.adapt_last is None else named[-cfg.adapt_last :]
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

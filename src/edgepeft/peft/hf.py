@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from edgepeft.core.errors import ArtifactError
-from edgepeft.peft.base import TAGS_FILE, PeftConfig, PeftMethod, _load_tensors, register_method
+from edgepeft.peft.base import TAGS_FILE, PeftConfig, PeftMethod, _load_tensors, adapted_blocks, register_method
 
 
 class _HFMethod(PeftMethod):
@@ -23,10 +23,17 @@ class _HFMethod(PeftMethod):
     def peft_config(self, cfg: PeftConfig):  # noqa: ANN201 - a peft config object
         raise NotImplementedError
 
+    def targets(self, cfg: PeftConfig, default: list[str]) -> str:
+        """A peft target regex: the chosen module suffixes inside the adapted blocks only."""
+        suffixes = "|".join(cfg.target_modules or default)
+        blocks = "|".join(name.replace(".", r"\.") for name in self._blocks)
+        return rf"^({blocks})\.(attn|mlp)\.({suffixes})$"
+
     def attach(self, base: nn.Module, cfg: PeftConfig) -> nn.Module:
         from peft import get_peft_model
 
         self.freeze_all(base)
+        self._blocks = [name for name, _ in adapted_blocks(base, cfg)]
         model = get_peft_model(base, self.peft_config(cfg))
         self.enable_channel_tags(model)
         return model
@@ -77,7 +84,7 @@ class LoRA(_HFMethod):
             r=cfg.rank,
             lora_alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.rank,
             lora_dropout=cfg.dropout,
-            target_modules=cfg.target_modules or self.default_targets,
+            target_modules=self.targets(cfg, self.default_targets),
             use_dora=self.use_dora,
             init_lora_weights=True,
         )
@@ -102,4 +109,8 @@ class IA3(_HFMethod):
         from peft import IA3Config
 
         targets = cfg.target_modules or ["k", "v", "fc2"]
-        return IA3Config(target_modules=targets, feedforward_modules=[t for t in targets if t.startswith("fc")])
+        feedforward = [t for t in targets if t.startswith("fc")]
+        return IA3Config(
+            target_modules=self.targets(cfg, targets),
+            feedforward_modules=self.targets(cfg, feedforward) if feedforward else [],
+        )

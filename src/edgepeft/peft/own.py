@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from edgepeft.peft.base import PeftConfig, PeftMethod, register_method
+from edgepeft.peft.base import PeftConfig, PeftMethod, adapted_blocks, register_method
 
 
 class BottleneckAdapter(nn.Module):
@@ -34,10 +34,6 @@ class BottleneckAdapter(nn.Module):
         return y + self.up(torch.nn.functional.gelu(self.down(y)))
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    return [*model.blocks, *getattr(model, "channel_blocks", [])]
-
-
 @register_method
 class Adapter(PeftMethod):
     """Bottleneck adapters after every block's MLP."""
@@ -47,7 +43,7 @@ class Adapter(PeftMethod):
     def attach(self, base: nn.Module, cfg: PeftConfig) -> nn.Module:
         self.freeze_all(base)
         width = base.cfg.d_model
-        for block in _blocks(base):
+        for _, block in adapted_blocks(base, cfg):
             block.mlp = BottleneckAdapter(block.mlp, width, cfg.bottleneck)
         self.enable_channel_tags(base)
         return base
@@ -64,7 +60,7 @@ class Prefix(PeftMethod):
         self.freeze_all(base)
         width = base.cfg.d_model
         gen = torch.Generator().manual_seed(0)
-        for block in _blocks(base):
+        for _, block in adapted_blocks(base, cfg):
             # Small random prefixes: zeros would give every prefix slot identical attention weights.
             block.attn.prefix_k = nn.Parameter(0.02 * torch.randn(cfg.n_prefix, width, generator=gen))
             block.attn.prefix_v = nn.Parameter(torch.zeros(cfg.n_prefix, width))
@@ -81,9 +77,11 @@ class BitFit(PeftMethod):
 
     def attach(self, base: nn.Module, cfg: PeftConfig) -> nn.Module:
         self.freeze_all(base)
-        for name, param in base.named_parameters():
-            if name.endswith("bias"):
-                param.requires_grad_(True)
+        blocks = adapted_blocks(base, cfg) if cfg.adapt_last is not None else [("", base)]
+        for _, module in blocks:
+            for name, param in module.named_parameters():
+                if name.endswith("bias"):
+                    param.requires_grad_(True)
         self.enable_channel_tags(base)
         return base
 

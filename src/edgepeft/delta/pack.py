@@ -1,0 +1,323 @@
+"""Detector directory -> signed bundle (server side) and verified bundle -> detector directory (device side).
+
+``pack_bundle`` reads what ``AnomalyDetector.save`` wrote (detector.json and the adapter files it lists)
+without importing torch; ``unpack_bundle`` writes a directory that ``AnomalyDetector.load`` accepts and,
+for an fp32 bundle, whose files are byte-identical to the packed ones, so it scores bitwise identically.
+Files in the adapter folder that detector.json does not list (peft's README.md model card) stay behind:
+they are boilerplate that loading never reads, and every byte is paid for on every download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edgepeft.core.config import atomic_write_bytes, read_json, write_json
+from edgepeft.core.errors import OutputError
+from edgepeft.delta.bundle import SUFFIX, Bundle, check_payload, read_bundle, seal_bundle
+from edgepeft.delta.errors import BundleError
+from edgepeft.delta.keys import key_id
+from edgepeft.delta.manifest import (
+    MANIFEST_SCHEMA_VERSION,
+    MAX_RELEASE,
+    MAX_TEXT_FILE_BYTES,
+    PAYLOAD_FORMAT,
+    as_utc,
+    check_name,
+    detector_state_to_sections,
+    format_time,
+    sections_to_detector_state,
+    validate_manifest,
+)
+from edgepeft.delta.payload import decode_payload, encode_payload, file_tensors
+
+# The names AnomalyDetector.save uses; repeated here (not imported) so that packing and unpacking never pull
+# in torch and peft through edgepeft.detect. tests/unit/delta checks they agree.
+DETECTOR_FILE = "detector.json"
+ADAPTER_DIR = "adapter"
+
+
+def pack_bundle(
+    detector_dir: str | os.PathLike[str],
+    private_key: Ed25519PrivateKey,
+    *,
+    asset_id: str,
+    version: str,
+    release: int,
+    parent_version: str | None = None,
+    expires_days: float | None = None,
+    int8: bool = False,
+    zstd: bool = False,
+    now: datetime | None = None,
+) -> bytes:
+    """Sign a saved detector into ``.edelta`` bytes (write them with :func:`write_bundle`)."""
+    check_name(asset_id, "asset id")
+    check_name(version, "adapter version")
+    if parent_version is not None:
+        check_name(parent_version, "parent version")
+        if parent_version == version:
+            raise BundleError(f"parent version {parent_version!r} is the version itself; give the previous version")
+    if isinstance(release, bool) or not isinstance(release, int) or not 0 <= release <= MAX_RELEASE:
+        raise BundleError(f"release must be a whole number from 0 to {MAX_RELEASE}, got {release!r}; "
+                          "use a counter that grows with every release of this asset")
+    if expires_days is not None and not (0 < expires_days <= 36500):
+        raise BundleError(f"expires-days must be in (0, 36500], got {expires_days}")
+    created = as_utc(now).replace(microsecond=0)
+    expires = None if expires_days is None else created + timedelta(days=expires_days)
+
+    directory = Path(detector_dir)
+    if not (directory / DETECTOR_FILE).is_file():
+        raise BundleError(f"{directory} is not a detector directory (no {DETECTOR_FILE}); "
+                          "give the folder `edgepeft adapt --out` wrote")
+    state = read_json(directory / DETECTOR_FILE)
+    sections = detector_state_to_sections(state)
+    listed = state.get("adapter_files")
+    if not isinstance(listed, list) or not listed or not all(isinstance(name, str) for name in listed):
+        raise BundleError(f"{directory / DETECTOR_FILE} lists no adapter files; re-save the detector")
+    entries, tensors = _read_adapter(directory / ADAPTER_DIR, listed)
+    payload, raw_length = encode_payload(tensors, int8=int8, zstd=zstd)
+    manifest = {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "asset_id": asset_id,
+        "adapter_version": version,
+        "release": release,
+        "parent_version": parent_version,
+        "created_at": format_time(created),
+        "expires_at": None if expires is None else format_time(expires),
+        "signer": key_id(private_key.public_key()),
+        **sections,
+        "adapter": {"files": entries},
+        "payload": {
+            "format": PAYLOAD_FORMAT,
+            "sha256": _sha256(payload),
+            "length": len(payload),
+            "raw_length": raw_length,
+            "compression": "zstd" if zstd else "raw",
+            "tensors": "int8" if int8 else "fp32",
+        },
+    }
+    _check_finite(manifest)
+    validate_manifest(manifest)
+    data = seal_bundle(manifest, payload, private_key)
+    read_bundle(data)  # what we sign, a device must be able to parse: fail here, not in the field
+    return data
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_finite(obj: Any, where: str = "manifest") -> None:
+    # Canonical JSON has no NaN/Infinity; name the field so the user knows what to re-fit.
+    if isinstance(obj, float) and not np.isfinite(obj):
+        raise BundleError(f"detector state {where} is {obj}; re-fit the detector (bundles carry finite numbers only)")
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_finite(value, f"{where}.{key}")
+    elif isinstance(obj, list):
+        for index, value in enumerate(obj):
+            _check_finite(value, f"{where}[{index}]")
+
+
+def _read_adapter(
+    adapter_dir: Path, listed: list[str]
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, np.ndarray]]]:
+    entries: list[dict[str, Any]] = []
+    tensors: dict[str, dict[str, np.ndarray]] = {}
+    for name in listed:
+        check_name(name, "adapter file name")
+        path = adapter_dir / name
+        if not path.is_file() or path.is_symlink():
+            raise BundleError(f"adapter file {path} is missing or not a regular file; re-save the detector")
+        if name.endswith(".safetensors"):
+            file_tensor_map, metadata = file_tensors(path)
+            tensors[name] = file_tensor_map
+            entries.append({"name": name, "metadata": metadata})
+        else:
+            raw = path.read_bytes()
+            if len(raw) > MAX_TEXT_FILE_BYTES:
+                raise BundleError(f"adapter file {path} is over {MAX_TEXT_FILE_BYTES:,} bytes; only tensors "
+                                  "(*.safetensors) and small text files can travel in a bundle")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BundleError(f"adapter file {path} is not UTF-8 text; only tensors (*.safetensors) and text "
+                                  "files can travel in a bundle") from None
+            entries.append({"name": name, "text": text})
+    return entries, tensors
+
+
+def write_bundle(data: bytes, path: str | os.PathLike[str]) -> Path:
+    """Write bundle bytes atomically (a reader sees the old file or the new one, never half of one)."""
+    target = Path(path)
+    if target.suffix != SUFFIX:
+        raise OutputError(f"bundle file names end in {SUFFIX}; got {target.name}")
+    try:
+        atomic_write_bytes(target, data)
+    except OSError as exc:
+        raise OutputError(f"cannot write {target} ({exc.strerror or exc}); choose another --out") from exc
+    return target
+
+
+def read_bundle_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a bundle file, refusing an oversized one before reading it into memory."""
+    from edgepeft.delta.bundle import MAX_BUNDLE_BYTES
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_BUNDLE_BYTES:
+            raise BundleError(f"{path} is {size:,} bytes, over the {MAX_BUNDLE_BYTES:,}-byte bundle limit; "
+                              "it is not a bundle from `edgepeft pack`")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise BundleError(f"bundle {path} does not exist; give a .edelta file from `edgepeft pack`") from None
+    except IsADirectoryError:
+        raise BundleError(f"{path} is a directory; give a .edelta file from `edgepeft pack`") from None
+    except OSError as exc:
+        raise BundleError(f"cannot read bundle {path} ({exc.strerror or exc})") from None
+
+
+def unpack_bundle(bundle: Bundle, out_dir: str | os.PathLike[str], *, durable: bool = True) -> Path:
+    """Write the detector directory a (verified) bundle holds; return its path.
+
+    Everything is written to a temporary folder next to ``out_dir`` and renamed into place, so ``out_dir``
+    is either untouched or complete. An existing detector at ``out_dir`` is replaced (like
+    ``AnomalyDetector.save``); any other existing, non-empty folder is refused. ``durable`` also fsyncs
+    the adapter files and the folders, so the result survives a power cut (what a device wants); detector.json
+    is always fsynced (core's ``write_json``). The fsyncs are most of the time unpacking takes.
+    """
+    validate_manifest(bundle.manifest)
+    check_payload(bundle.manifest, bundle.payload)
+    entries = bundle.manifest["adapter"]["files"]
+    tensor_files = [entry["name"] for entry in entries if "metadata" in entry]
+    declared = bundle.manifest["payload"]
+    tensors = decode_payload(bundle.payload, tensor_files, tensors=declared["tensors"],
+                             compression=declared["compression"], raw_length=declared["raw_length"])
+    blobs = {entry["name"]: _file_bytes(entry, tensors) for entry in entries}
+    state = sections_to_detector_state(bundle.manifest)
+
+    target = Path(out_dir)
+    _check_replaceable(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write to {target} ({exc.strerror or exc}); choose another folder") from exc
+    try:
+        adapter_dir = staging / ADAPTER_DIR
+        adapter_dir.mkdir()
+        for name, blob in blobs.items():
+            _write(adapter_dir / name, blob, durable)
+        write_json(staging / DETECTOR_FILE, state)  # atomic and fsynced by itself
+        if durable:
+            _fsync_dir(adapter_dir)
+        _swap_in(staging, target)
+        if durable:
+            _fsync_dir(target.parent)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OutputError(f"cannot write detector to {target} ({exc.strerror or exc})") from exc
+    return target
+
+
+def _file_bytes(entry: dict[str, Any], tensors: dict[str, dict[str, np.ndarray]]) -> bytes:
+    if "text" in entry:
+        return entry["text"].encode("utf-8")
+    from safetensors import SafetensorError
+    from safetensors.numpy import save
+
+    try:
+        return save(tensors[entry["name"]], metadata=entry["metadata"])
+    except (SafetensorError, ValueError, TypeError) as exc:
+        raise BundleError(f"cannot rebuild {entry['name']} from the payload ({exc}); re-pack the bundle") from None
+
+
+def _check_replaceable(target: Path) -> None:
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{target} exists and is not a folder; choose another output folder")
+    if target.is_dir() and any(target.iterdir()) and not (target / DETECTOR_FILE).is_file():
+        raise OutputError(f"{target} is a non-empty folder that holds no detector; refusing to replace it, "
+                          "choose another output folder")
+
+
+def _write(path: Path, blob: bytes, durable: bool) -> None:
+    with open(path, "wb") as handle:
+        handle.write(blob)
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    if target.exists():
+        if not any(target.iterdir()):
+            target.rmdir()
+            staging.rename(target)
+            return
+        backup = target.with_name(f".{target.name}.old")
+        shutil.rmtree(backup, ignore_errors=True)
+        target.rename(backup)
+        try:
+            staging.rename(target)
+        except OSError:
+            backup.rename(target)  # put the old detector back: never leave the slot empty
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        staging.rename(target)
+
+
+def quantisation_effect(detector_dir: str | os.PathLike[str], X: Any, *, zstd: bool = True) -> dict[str, float]:
+    """How much int8 adapter tensors change a detector's scores on ``X`` (rows, channels).
+
+    Packs the detector twice (fp32 and int8) with a throwaway key, unpacks both and scores ``X`` with each.
+    The threshold is the one calibrated in fp32 (it is what ships). Returns max/mean absolute score change,
+    the max change relative to the threshold, the share of rows whose alarm (score > threshold) agrees,
+    alarm counts, and payload bytes for fp32, int8 and int8 + zstd (when ``zstd``).
+    """
+    from edgepeft.delta.keys import generate_key
+    from edgepeft.detect.detector import AnomalyDetector
+
+    key = generate_key()
+    common: dict[str, Any] = {"asset_id": "quantisation-check", "version": "0", "release": 0}
+    with tempfile.TemporaryDirectory(prefix="edgepeft-quant-") as tmp:
+        fp32 = read_bundle(pack_bundle(detector_dir, key, **common))
+        int8 = read_bundle(pack_bundle(detector_dir, key, int8=True, **common))
+        reference = AnomalyDetector.load(unpack_bundle(fp32, Path(tmp) / "fp32", durable=False))
+        quantised = AnomalyDetector.load(unpack_bundle(int8, Path(tmp) / "int8", durable=False))
+    before, after = reference.score(X), quantised.score(X)
+    threshold = reference.threshold_
+    change = np.abs(after - before)
+    alarms_before, alarms_after = before > threshold, after > threshold
+    out = {
+        "rows": float(len(before)),
+        "max_abs_score_change": float(change.max()),
+        "mean_abs_score_change": float(change.mean()),
+        "max_change_over_threshold": float(change.max() / abs(threshold)) if threshold else float("nan"),
+        "alarm_agreement": float(np.mean(alarms_before == alarms_after)),
+        "alarms_fp32": float(alarms_before.sum()),
+        "alarms_int8": float(alarms_after.sum()),
+        "payload_bytes_fp32": float(len(fp32.payload)),
+        "payload_bytes_int8": float(len(int8.payload)),
+    }
+    if zstd:
+        packed = read_bundle(pack_bundle(detector_dir, key, int8=True, zstd=True, **common))
+        out["payload_bytes_int8_zstd"] = float(len(packed.payload))
+    return out
