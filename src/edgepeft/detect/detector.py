@@ -174,12 +174,17 @@ class AnomalyDetector:
             raise ConfigError("this AnomalyDetector is not fitted yet; call fit(X_normal) or AnomalyDetector.load(dir)")
 
     @torch.no_grad()
-    def _row_errors(self, scaled: np.ndarray, batch_windows: int = 128) -> np.ndarray:
-        """(T, C, 2) squared errors in asset-standardised units: [..., 0] forecast, [..., 1] blind."""
+    def _row_errors(self, scaled: np.ndarray, channel_budget: int = 4096) -> np.ndarray:
+        """(T, C, 2) squared errors in asset-standardised units: [..., 0] forecast, [..., 1] blind.
+
+        ``channel_budget`` bounds the channel-sequences per forward pass (the blind passes multiply
+        them by C), which bounds inference memory whatever the channel count.
+        """
         encoder = self.method_.encoder(self.model_)
         windows, hidden = scoring_windows(scaled, encoder.window_len, encoder.patch_len)
         patch_len = encoder.patch_len
         n_windows, _, n_channels = windows.shape
+        batch_windows = max(1, channel_budget // (n_channels * n_channels))
         blind = n_channels > 1 and self.blind_weight > 0
         out = np.zeros((n_windows, patch_len, n_channels, 2), dtype=np.float32)
         self.model_.eval()

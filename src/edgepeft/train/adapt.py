@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +65,21 @@ class AdaptResult:
     losses: list[float] = field(default_factory=list)
 
 
+def warmup_cosine(step: int, total: int, warmup_share: float = 0.1, floor: float = 0.05) -> float:
+    """Learning-rate factor: linear warm-up over the first 10 % of steps, then cosine decay to ``floor``.
+
+    Written out rather than OneCycleLR, which divides by zero when the warm-up rounds to one step.
+
+    >>> [round(warmup_cosine(s, 10), 2) for s in (0, 1, 9)]
+    [1.0, 1.0, 0.08]
+    """
+    warmup = max(1, int(total * warmup_share))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def masked_mse(model: nn.Module, windows: torch.Tensor, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the target patches only. windows (B, L, C); masks (B, C, N)."""
     recon = model(windows, hidden)  # (B, L, C)
@@ -91,7 +107,7 @@ def adapt(
     if not params or cfg.steps == 0:
         return result
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=cfg.steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, cfg.steps))
     model.train()
     start = time.perf_counter()
     for step in range(cfg.steps):

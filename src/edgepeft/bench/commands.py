@@ -1,0 +1,156 @@
+"""``edgepeft bench ...``: thin commands over :mod:`edgepeft.bench.suites` and :mod:`edgepeft.bench.docs`.
+
+Mounted by the CLI as ``app.add_typer(bench_app, name="bench")``. Errors are our own exception types; the CLI's
+``main`` turns them into one line and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+bench_app = typer.Typer(
+    no_args_is_help=True,
+    help="Benchmarks end to end: results.json, results.md and plots per suite; docs/BENCHMARKS.md from them.",
+)
+
+DataOpt = Annotated[Path | None, typer.Option("--data", help="Dataset folder (default ../shared/datasets/<suite>).")]
+MethodsOpt = Annotated[
+    str | None,
+    typer.Option("--methods", help="Comma-separated contenders, e.g. lora,full,pca (default: all: lora, dora, ia3, "
+                 "adapter, prefix, bitfit, full, scratch, zeroshot, iforest, pca, movvar, sqdiff)."),
+]
+LimitOpt = Annotated[int | None, typer.Option("--limit", help="Only the first N files / assets (smoke runs).")]
+BaseOpt = Annotated[str, typer.Option("--base", help="Base model of our methods: tiny or small.")]
+StepsOpt = Annotated[int, typer.Option("--steps", help="Adaptation steps per asset.")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder (default bench-out/<suite>).")]
+MaxRowsOpt = Annotated[int | None, typer.Option("--max-rows", help="Only the first N test rows per asset (smoke).")]
+RssOpt = Annotated[bool, typer.Option("--rss/--no-rss", help="Measure process RSS in fresh subprocesses.")]
+LatencyOpt = Annotated[int, typer.Option("--latency-calls", help="Windows scored one by one for p50/p99 latency.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every detector (and of the simulated fleet).")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="torch threads (default: one per core).")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars on stderr.")]
+
+
+def _options(**kwargs: Any) -> Any:
+    from edgepeft.bench.harness import command_line
+    from edgepeft.bench.suites import SuiteOptions
+
+    return SuiteOptions(command=command_line(), **kwargs)
+
+
+def _out(out: Path | None, suite: str) -> Path:
+    from edgepeft.core.errors import OutputError
+
+    path = out if out is not None else Path("bench-out") / suite
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--out {path} is a file; give a folder")
+    return path
+
+
+def _report(results: dict[str, Any], out: Path) -> None:
+    """One summary line per target on stdout, and where the files are."""
+    from rich.console import Console
+
+    console = Console(soft_wrap=True)  # one line per target, whatever the terminal width
+    for target in results["targets"]:
+        style = {"met": "green", "missed": "red"}.get(target["status"], "yellow")
+        note = " (indicative)" if target.get("indicative") and target["status"] != "not evaluated" else ""
+        console.print(f"[{style}]{target['status'].upper()}[/]{note} {target['target']}: {target['measured']}",
+                      highlight=False)
+    console.print(f"results -> {out / 'results.json'}, {out / 'results.md'}, plots: {', '.join(results['plots'])}",
+                  highlight=False)
+
+
+@bench_app.command()
+def skab(
+    data: DataOpt = None,
+    methods: MethodsOpt = None,
+    limit: LimitOpt = None,
+    base: BaseOpt = "small",
+    steps: StepsOpt = 150,
+    out: OutOpt = None,
+    max_rows: MaxRowsOpt = None,
+    rss: RssOpt = True,
+    latency_calls: LatencyOpt = 200,
+    seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """SKAB, published protocol: 34 files, fit on the first 400 rows, F1 / FAR / MAR and changepoint score."""
+    from edgepeft.bench.suites import run_skab
+
+    folder = _out(out, "skab")
+    opts = _options(base=base, steps=steps, methods=methods, limit=limit, max_rows=max_rows, seed=seed, rss=rss,
+                    latency_calls=latency_calls, threads=threads, progress=progress)
+    results = run_skab(data or Path("../shared/datasets/skab"), opts, folder)
+    _report(results, folder)
+
+
+@bench_app.command()
+def asd(
+    data: DataOpt = None,
+    methods: MethodsOpt = None,
+    limit: LimitOpt = None,
+    base: BaseOpt = "small",
+    steps: StepsOpt = 150,
+    out: OutOpt = None,
+    max_rows: MaxRowsOpt = None,
+    rss: RssOpt = True,
+    latency_calls: LatencyOpt = 200,
+    seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """ASD: one detector per server; best F1 (no point adjustment), F1 at our threshold, AUC-PR, VUS-PR."""
+    from edgepeft.bench.suites import run_asd
+
+    folder = _out(out, "asd")
+    opts = _options(base=base, steps=steps, methods=methods, limit=limit, max_rows=max_rows, seed=seed, rss=rss,
+                    latency_calls=latency_calls, threads=threads, progress=progress)
+    results = run_asd(data or Path("../shared/datasets/asd"), opts, folder)
+    _report(results, folder)
+
+
+@bench_app.command()
+def fleet(
+    pumps: Annotated[int, typer.Option("--pumps", help="Simulated pumps (the benchmark uses >= 20).")] = 20,
+    n_train: Annotated[int, typer.Option("--train-rows", help="Normal training rows per pump.")] = 3000,
+    n_test: Annotated[int, typer.Option("--test-rows", help="Test rows per pump (with faults).")] = 3000,
+    methods: MethodsOpt = None,
+    limit: LimitOpt = None,
+    base: BaseOpt = "small",
+    steps: StepsOpt = 150,
+    out: OutOpt = None,
+    max_rows: MaxRowsOpt = None,
+    rss: RssOpt = True,
+    latency_calls: LatencyOpt = 200,
+    seed: SeedOpt = 0,
+    threads: ThreadsOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Simulated pump fleet (generated, so no --data): the same metrics as ASD, one adapter per pump."""
+    from edgepeft.bench.suites import run_fleet
+
+    folder = _out(out, "fleet")
+    opts = _options(base=base, steps=steps, methods=methods, limit=limit, max_rows=max_rows, seed=seed, rss=rss,
+                    latency_calls=latency_calls, threads=threads, progress=progress)
+    results = run_fleet(opts, folder, n_pumps=pumps, n_train=n_train, n_test=n_test)
+    _report(results, folder)
+
+
+@bench_app.command()
+def docs(
+    docs_dir: Annotated[Path, typer.Option("--docs", help="Docs folder holding results/<suite>/results.json.")] = Path(
+        "docs"
+    ),
+) -> None:
+    """Regenerate docs/BENCHMARKS.md from docs/results/<suite>/results.json (never edit it by hand)."""
+    from rich.console import Console
+
+    from edgepeft.bench.docs import regenerate_benchmarks
+
+    path = regenerate_benchmarks(docs_dir)
+    Console().print(f"wrote {path}", highlight=False)
