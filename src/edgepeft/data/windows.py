@@ -19,7 +19,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def _gather(values: np.ndarray, starts: np.ndarray, window_len: int, patch_len: int) -> tuple[np.ndarray, np.ndarray]:
+def gather_windows(
+    values: np.ndarray, starts: np.ndarray, window_len: int, patch_len: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Windows starting at ``starts`` (may be negative or run past the end), plus the padding mask per patch."""
     n_rows, n_channels = values.shape
     rows = starts[:, None] + np.arange(window_len)[None, :]  # (K, L)
@@ -40,7 +42,7 @@ def scoring_windows(values: np.ndarray, window_len: int, patch_len: int) -> tupl
     n_rows = values.shape[0]
     n_targets = -(-n_rows // patch_len)
     starts = np.arange(n_targets) * patch_len + patch_len - window_len
-    windows, hidden = _gather(values, starts, window_len, patch_len)
+    windows, hidden = gather_windows(values, starts, window_len, patch_len)
     hidden[:, :, -1] = True
     return windows, hidden
 
@@ -57,4 +59,4 @@ def training_windows(
     low = 2 * patch_len - window_len
     high = max(n_rows - window_len, low)
     starts = rng.integers(low, high + 1, size=n_windows)
-    return _gather(values, starts, window_len, patch_len)
+    return gather_windows(values, starts, window_len, patch_len)

@@ -211,6 +211,14 @@ class PatchEncoder(nn.Module):
         Returns:
             (B, L, C) reconstruction; only hidden patches are meaningful predictions.
         """
+        seq, mean, std = self.temporal_features(x, hidden)
+        return self.mix(seq, mean, std, channel_tags)
+
+    def temporal_features(
+        self, x: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The channel-independent half: (B, C, N+1, D) tokens after the temporal blocks, plus the
+        per-window mean and std (B, C) that the output is de-normalised with."""
         cfg = self.cfg
         batch, length, n_channels = x.shape
         if length != cfg.window_len:
@@ -250,20 +258,41 @@ class PatchEncoder(nn.Module):
                     seq = block(seq)
             else:
                 seq = self._run_block(block, seq)
+        return seq.reshape(batch, n_channels, n_patches + 1, width), mean, std
 
+    def mix(
+        self, seq: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channel_tags: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The cross-channel half: channel blocks, head and de-normalisation; returns (B, L, C)."""
+        batch, n_channels, n_tokens, width = seq.shape
         if self.channel_blocks:
-            tags = self._channel_tags(channel_tags, n_channels, x)
-            mixed = seq.reshape(batch, n_channels, n_patches + 1, width).transpose(1, 2)  # (B, N+1, C, D)
+            tags = self._channel_tags(channel_tags, n_channels, seq)
+            mixed = seq.transpose(1, 2)  # (B, N+1, C, D)
             mixed = mixed + self.channel_proj(tags).unsqueeze(1)  # tags broadcast over positions
-            mixed = mixed.reshape(batch * (n_patches + 1), n_channels, width)
+            mixed = mixed.reshape(batch * n_tokens, n_channels, width)
             for block in self.channel_blocks:
                 mixed = self._run_block(block, mixed)
-            seq = mixed.reshape(batch, n_patches + 1, n_channels, width).transpose(1, 2)
-        seq = seq.reshape(batch, n_channels, n_patches + 1, width)
-
+            seq = mixed.reshape(batch, n_tokens, n_channels, width).transpose(1, 2)
         out = self.head(self.ln_f(seq[:, :, 1:]))  # (B, C, N, P), normalised units
         out = out * std[..., None, None] + mean[..., None, None]
-        return out.reshape(batch, n_channels, length).transpose(1, 2)  # (B, L, C)
+        return out.reshape(batch, n_channels, -1).transpose(1, 2)  # (B, L, C)
+
+    @torch.no_grad()
+    def hidden_channel_features(self) -> torch.Tensor:
+        """(N+1, D) temporal features of a channel with every patch hidden.
+
+        They do not depend on the data (mask tokens and the fallback statistics only), so the blind
+        pattern can swap them in for any channel without rerunning the temporal blocks.
+        """
+        cfg = self.cfg
+        x = torch.zeros(1, cfg.window_len, 1)
+        hidden = torch.ones(1, 1, cfg.n_patches, dtype=torch.bool)
+        return self.temporal_features(x, hidden)[0][0, 0]
+
+    @property
+    def cacheable(self) -> bool:
+        """True when nothing before the channel blocks trains: temporal features can be computed once."""
+        return self._first_trainable_block() == len(self.blocks)
 
     def _run_block(self, block: nn.Module, seq: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_blocks and self.training and torch.is_grad_enabled():

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from edgepeft.core.errors import ConfigError
-from edgepeft.data.windows import training_windows
+from edgepeft.data.windows import gather_windows, training_windows
 from edgepeft.train.masks import sample_hidden
 
 
@@ -42,6 +42,10 @@ class AdaptConfig:
         mask_ratio: share of patches hidden in the scattered pattern (the rest of the windows).
         grad_clip: gradient norm clip (stability on tiny data sets).
         seed: seeds window sampling, masks and any random init.
+        cache_features: when nothing before the channel blocks trains (e.g. ``adapt_last=1``), compute
+            the frozen temporal features of every training window once and train on the channel
+            blocks only (forecast and blind patterns, exactly the two the detector scores with).
+        max_cached_windows: at most this many windows are cached (evenly spaced over the series).
     """
 
     steps: int = 150
@@ -52,6 +56,8 @@ class AdaptConfig:
     mask_ratio: float = 0.3
     grad_clip: float = 1.0
     seed: int = 0
+    cache_features: bool = True
+    max_cached_windows: int = 2048
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
@@ -106,6 +112,8 @@ def adapt(
     result = AdaptResult(steps=cfg.steps, seconds=0.0)
     if not params or cfg.steps == 0:
         return result
+    if cfg.cache_features and getattr(encoder, "cacheable", False):
+        return _adapt_cached(model, encoder, params, series, cfg, lr, rng, progress)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, cfg.steps))
     model.train()
@@ -124,4 +132,87 @@ def adapt(
             progress(step + 1, loss.item())
     model.eval()
     result.seconds = time.perf_counter() - start
+    return result
+
+
+def cached_windows(
+    series: np.ndarray, window_len: int, patch_len: int, max_windows: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Windows at every start from ``2P - L`` to ``T - L`` (at most ``max_windows``, evenly spaced) and their pads."""
+    low = 2 * patch_len - window_len
+    high = max(series.shape[0] - window_len, low)
+    starts = np.arange(low, high + 1)
+    if len(starts) > max_windows:
+        starts = starts[np.linspace(0, len(starts) - 1, max_windows).round().astype(int)]
+    return gather_windows(series, starts, window_len, patch_len)
+
+
+def _adapt_cached(
+    model: nn.Module,
+    encoder: nn.Module,
+    params: list[nn.Parameter],
+    series: np.ndarray,
+    cfg: AdaptConfig,
+    lr: float,
+    rng: np.random.Generator,
+    progress: Callable[[int, float], None] | None,
+) -> AdaptResult:
+    """Train only the channel blocks on cached frozen temporal features (TinyTL-style feature caching).
+
+    The temporal blocks are frozen and channel-independent, so under the forecast mask their output
+    per window is fixed, and a blind (fully hidden) channel's output is one constant vector: both are
+    computed once, then each step runs the channel blocks and head alone.
+    """
+    window_len, patch_len = encoder.window_len, encoder.patch_len
+    windows, pad = cached_windows(series, window_len, patch_len, cfg.max_cached_windows)
+    hidden = pad.copy()
+    hidden[:, :, -1] = True
+    with torch.no_grad():
+        features, means, stds = [], [], []
+        for start in range(0, len(windows), 256):
+            f, m, sd = encoder.temporal_features(
+                torch.from_numpy(windows[start : start + 256]), torch.from_numpy(hidden[start : start + 256])
+            )
+            features.append(f)
+            means.append(m)
+            stds.append(sd)
+        feats, mean_all, std_all = torch.cat(features), torch.cat(means), torch.cat(stds)
+        blank = encoder.hidden_channel_features()  # (N+1, D)
+    targets_all = torch.from_numpy(windows)
+    n_windows, n_channels, n_patches = pad.shape
+    pad_t = torch.from_numpy(pad)
+    blind_share = cfg.blind_prob / max(cfg.blind_prob + cfg.forecast_prob, 1e-9) if n_channels > 1 else 0.0
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, cfg.steps))
+    result = AdaptResult(steps=cfg.steps, seconds=0.0)
+    model.train()
+    start_time = time.perf_counter()
+    for step in range(cfg.steps):
+        index = torch.from_numpy(rng.integers(0, n_windows, size=cfg.batch_size))
+        feat, mean, std = feats[index].clone(), mean_all[index].clone(), std_all[index].clone()
+        target = torch.zeros(cfg.batch_size, n_channels, n_patches, dtype=torch.bool)
+        target[:, :, -1] = True
+        blind_rows = torch.from_numpy(np.flatnonzero(rng.random(cfg.batch_size) < blind_share))
+        blind_channels = torch.from_numpy(rng.integers(0, n_channels, size=len(blind_rows)))
+        if len(blind_rows):
+            feat[blind_rows, blind_channels] = blank
+            mean[blind_rows, blind_channels] = 0.0
+            std[blind_rows, blind_channels] = 1.0
+            target[blind_rows, blind_channels] = True
+        target &= ~pad_t[index]
+        recon = encoder.mix(feat, mean, std)  # (B, L, C)
+        windows_b = targets_all[index]
+        err = ((recon - windows_b) ** 2).transpose(1, 2).reshape(cfg.batch_size, n_channels, n_patches, -1).mean(-1)
+        weight = target.to(err.dtype)
+        loss = (err * weight).sum() / weight.sum().clamp(min=1.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        schedule.step()
+        result.losses.append(loss.item())
+        if progress is not None:
+            progress(step + 1, loss.item())
+    model.eval()
+    result.seconds = time.perf_counter() - start_time
     return result
