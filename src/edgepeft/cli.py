@@ -247,6 +247,7 @@ def demo(
 
 def _mount_layer_commands() -> None:
     """Commands that live with their layer (their heavy imports stay lazy inside them)."""
+    from edgepeft.bench import stream_commands
     from edgepeft.bench.commands import bench_app
     from edgepeft.delta import commands as delta_commands
     from edgepeft.runtime import commands as runtime_commands
@@ -255,6 +256,9 @@ def _mount_layer_commands() -> None:
         app.command(name)(getattr(delta_commands, name))
     app.command("serve")(runtime_commands.serve)
     app.command("export-onnx")(runtime_commands.export_onnx)
+    app.command("stream")(stream_commands.stream)
+    bench_app.command("stream")(stream_commands.bench_stream)
+    bench_app.command("drift")(stream_commands.bench_drift)
     app.add_typer(bench_app, name="bench", help="Benchmarks: quality and measured costs, side by side.")
 
 

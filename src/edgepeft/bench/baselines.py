@@ -32,29 +32,13 @@ import numpy as np
 from edgepeft.core.errors import ConfigError, DataError
 from edgepeft.data.csvio import validate_array
 from edgepeft.data.scaler import ChannelScaler
+from edgepeft.detect.scoring import trailing_mean
 from edgepeft.detect.threshold import ScoreCalibrator, make_threshold
 
 # Fewer fit rows than this and a variance, a PCA or a forest is noise, not a model of "normal".
 MIN_FIT_ROWS = 20
 # Fewer held-out rows than this and a tail-based threshold has no tail to fit.
 MIN_CALIB_ROWS = 20
-
-
-def trailing_mean(values: np.ndarray, width: int) -> np.ndarray:
-    """Causal mean over the last ``width`` rows along axis 0; the first rows average over what exists.
-
-    >>> trailing_mean(np.array([1.0, 3.0, 5.0, 7.0]), 2).tolist()
-    [1.0, 2.0, 4.0, 6.0]
-    """
-    values = np.asarray(values, dtype=np.float64)
-    if width <= 1:
-        return values.copy()
-    # Same definition as the detector's smoothing (nothing dropped, nothing invented at the start).
-    cumsum = np.concatenate([np.zeros((1, *values.shape[1:])), np.cumsum(values, axis=0)])
-    idx = np.arange(1, len(values) + 1)
-    lo = np.maximum(idx - width, 0)
-    counts = (idx - lo).reshape(-1, *([1] * (values.ndim - 1)))
-    return (cumsum[idx] - cumsum[lo]) / counts
 
 
 class BaselineDetector:

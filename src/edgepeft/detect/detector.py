@@ -165,7 +165,7 @@ class AnomalyDetector:
         # must not get a tiny normaliser that turns every later normal row into an alarm.
         self.channel_error_ = np.maximum(
             np.maximum(errors[full_context:n_fit].mean(axis=0), errors[n_fit:].mean(axis=0)), 1e-6
-        )
+        ).astype(np.float64)  # float64 like after load(): saved and fitted detectors score bit-identically
         calib_scores = self._aggregate(errors)[n_fit:]
         self.threshold_model_ = make_threshold(self.threshold, self.target_far).fit(calib_scores)
         self.threshold_ = float(self.threshold_model_.threshold_)

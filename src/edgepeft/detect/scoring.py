@@ -14,13 +14,19 @@ import numpy as np
 
 
 def trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
-    """Causal mean over the last ``window`` rows; the first rows average over what exists."""
+    """Causal mean over the last ``window`` rows along axis 0; the first rows average over what exists.
+
+    >>> trailing_mean(np.array([1.0, 3.0, 5.0, 7.0]), 2).tolist()
+    [1.0, 2.0, 4.0, 6.0]
+    """
+    values = np.asarray(values, dtype=np.float64)
     if window <= 1:
-        return values.astype(np.float64)
-    cumsum = np.concatenate([[0.0], np.cumsum(values, dtype=np.float64)])
+        return values.copy()
+    cumsum = np.concatenate([np.zeros((1, *values.shape[1:])), np.cumsum(values, axis=0)])
     idx = np.arange(1, len(values) + 1)
     lo = np.maximum(idx - window, 0)
-    return (cumsum[idx] - cumsum[lo]) / (idx - lo)
+    counts = (idx - lo).reshape(-1, *([1] * (values.ndim - 1)))
+    return (cumsum[idx] - cumsum[lo]) / counts
 
 
 def channel_evidence(errors: np.ndarray, channel_error: np.ndarray, blind_weight: float) -> np.ndarray:

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from edgepeft.bench.baselines import BASELINES, BaselineDetector, PCADetector, trailing_mean
+from edgepeft.bench.baselines import BASELINES, BaselineDetector, PCADetector
 from edgepeft.core.errors import ConfigError, DataError
+from edgepeft.detect.scoring import trailing_mean
 
 N_CHANNELS = 4
 FAULT = slice(250, 330)

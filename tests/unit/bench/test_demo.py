@@ -16,7 +16,7 @@ from edgepeft.core.errors import ConfigError, OutputError
 from edgepeft.detect.detector import AnomalyDetector
 
 N_PUMPS = 2
-STEPS = 12  # few steps keep this test fast; the numbers only have to be sane, not good
+STEPS = 10  # few steps keep this test fast; the numbers only have to be sane, not good
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def _with_fault(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def fitted() -> AnomalyDetector:
     train, _, _ = _with_fault()
-    return AnomalyDetector(base="tiny", method="lora", rank=4, steps=40, seed=0).fit(train)
+    return AnomalyDetector(base="tiny", method="lora", rank=4, seed=0).fit(train)
 
 
 def test_fit_returns_self_and_sets_fitted_state(fitted: AnomalyDetector) -> None:
@@ -125,3 +125,22 @@ def test_tampered_detector_file_is_refused(fitted: AnomalyDetector, tmp_path) ->
     (tmp_path / "det2" / "adapter" / "adapter_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ArtifactError, match="safetensors"):
         AnomalyDetector.load(tmp_path / "det2")
+
+
+def test_cached_scoring_equals_full_forward(fitted: AnomalyDetector, monkeypatch) -> None:
+    # Default PEFT detectors adapt only the channel block, so temporal features are computed once.
+    _, test, _ = _with_fault()
+    encoder = fitted.method_.encoder(fitted.model_)
+    assert encoder.cacheable
+    scaled = fitted._prepare(test)
+    cached = fitted._row_errors(scaled)
+    monkeypatch.setattr(type(encoder), "cacheable", property(lambda self: False))
+    full = fitted._row_errors(scaled)
+    np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-6)
+
+
+def test_every_block_can_be_adapted() -> None:
+    train, test, labels = _with_fault()
+    det = AnomalyDetector(base="tiny", method="lora", rank=4, steps=20, peft_options={"adapt_last": None}).fit(train)
+    assert not det.method_.encoder(det.model_).cacheable
+    assert det.report_["trainable_share"] > AnomalyDetector(base="tiny", steps=1).fit(train).report_["trainable_share"]

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from edgepeft.core.errors import ConfigError
+from edgepeft.data.windows import training_windows
 from edgepeft.peft import PeftConfig, get_method, list_methods, parameter_report
-from edgepeft.train.adapt import AdaptConfig, adapt
+from edgepeft.train.adapt import AdaptConfig, adapt, masked_mse
 from tests.conftest import make_tiny_base, sine_series
 
 METHODS = list_methods()
@@ -145,3 +146,25 @@ def test_adaptation_is_deterministic() -> None:
     for (name, a), (_, b) in zip(first.named_parameters(), second.named_parameters(), strict=True):
         assert torch.equal(a, b), name
     assert np.isfinite(_forecast(first).numpy()).all()
+
+
+@pytest.mark.parametrize("method_name", [m for m in METHODS if not get_method(m).trains_base])
+def test_adapt_last_keeps_early_blocks_frozen_and_trains_cached(method_name: str) -> None:
+    base = make_tiny_base()
+    base.set_n_channels(3)
+    method = get_method(method_name)
+    model = method.attach(base, PeftConfig(method=method_name, rank=4, adapt_last=1))
+    encoder = method.encoder(model)
+    assert encoder.cacheable  # nothing before the channel block trains
+    assert not any(p.requires_grad for p in encoder.blocks.parameters())
+    series = sine_series()
+    windows, pad = training_windows(series, 64, 32, 8, np.random.default_rng(5))
+    hidden = pad.copy()
+    hidden[:, :, -1] = True
+    args = [torch.from_numpy(a) for a in (windows, hidden, hidden & ~pad)]
+    with torch.no_grad():
+        before = masked_mse(model, *args).item()
+    adapt(model, series, AdaptConfig(steps=60, batch_size=32, seed=0), lr=method.default_lr * 3)
+    with torch.no_grad():
+        after = masked_mse(model, *args).item()
+    assert after < before  # the cached loop learns: held-out forecast error goes down
