@@ -1,0 +1,129 @@
+"""Prometheus metrics in the text exposition format, without a client library.
+
+A device runtime should not need another dependency for a dozen numbers; the text format is simple
+(https://prometheus.io/docs/instrumenting/exposition_formats/). Counters and histograms are updated under one
+lock; gauges are read from callbacks at scrape time so they are never stale.
+
+Example:
+    >>> metrics = Metrics()
+    >>> metrics.observe_request("/v1/assets/{asset_id}/score", 200, 0.004)
+    >>> text = metrics.render()
+    >>> 'edgepeft_requests_total{route="/v1/assets/{asset_id}/score",status="200"} 1' in text
+    True
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+
+# Request latency buckets (seconds): scoring a batch takes milliseconds; installs take tens to hundreds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SWAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Histogram:
+    """Cumulative-bucket histogram per label value."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts: dict[str, list[int]] = defaultdict(lambda: [0] * (len(buckets) + 1))
+        self.sums: dict[str, float] = defaultdict(float)
+
+    def observe(self, label: str, value: float) -> None:
+        self.counts[label][bisect.bisect_left(self.buckets, value)] += 1
+        self.sums[label] += value
+
+    def render(self, name: str, label_name: str | None) -> list[str]:
+        lines = []
+        for label, counts in sorted(self.counts.items()):
+            prefix = f'{label_name}="{_escape(label)}",' if label_name else ""
+            running = 0
+            for bound, count in zip(self.buckets, counts, strict=False):
+                running += count
+                lines.append(f'{name}_bucket{{{prefix}le="{bound:g}"}} {running}')
+            running += counts[-1]
+            lines.append(f'{name}_bucket{{{prefix}le="+Inf"}} {running}')
+            braces = f"{{{prefix[:-1]}}}" if prefix else ""
+            lines.append(f"{name}_sum{braces} {self.sums[label]:.6f}")
+            lines.append(f"{name}_count{braces} {running}")
+        return lines
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """The runtime's counters, histograms and scrape-time gauges."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = defaultdict(int)
+        self.errors: dict[tuple[str, str], int] = defaultdict(int)
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.swap_latency = Histogram(SWAP_BUCKETS)
+        self.swaps = 0
+        self.installs = 0
+        self.rejected_bundles = 0
+        self.rows_scored = 0
+        self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        with self._lock:
+            self.requests[(route, status)] += 1
+            self.latency.observe(route, seconds)
+            if status >= 400:
+                self.errors[(route, "client" if status < 500 else "server")] += 1
+
+    def observe_swap(self, seconds: float) -> None:
+        with self._lock:
+            self.swaps += 1
+            self.swap_latency.observe("", seconds)
+
+    def count(self, name: str, amount: int = 1) -> None:
+        """Increment one of the plain counters (``installs``, ``rejected_bundles``, ``rows_scored``)."""
+        with self._lock:
+            setattr(self, name, getattr(self, name) + amount)
+
+    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """Register a gauge read at scrape time."""
+        self._gauges[name] = (help_text, read)
+
+    def render(self) -> str:
+        """All metrics in the Prometheus text exposition format (version 0.0.4)."""
+        with self._lock:
+            lines = [
+                "# HELP edgepeft_requests_total HTTP requests by route template and status code.",
+                "# TYPE edgepeft_requests_total counter",
+            ]
+            for (route, status), value in sorted(self.requests.items()):
+                lines.append(f'edgepeft_requests_total{{route="{_escape(route)}",status="{status}"}} {value}')
+            lines += [
+                "# HELP edgepeft_request_errors_total HTTP requests answered with an error, by route and kind.",
+                "# TYPE edgepeft_request_errors_total counter",
+            ]
+            for (route, kind), value in sorted(self.errors.items()):
+                lines.append(f'edgepeft_request_errors_total{{route="{_escape(route)}",kind="{kind}"}} {value}')
+            lines += [
+                "# HELP edgepeft_request_duration_seconds Time to answer a request, by route template.",
+                "# TYPE edgepeft_request_duration_seconds histogram",
+                *self.latency.render("edgepeft_request_duration_seconds", "route"),
+                "# HELP edgepeft_swap_duration_seconds Time from an activation request to the new version live.",
+                "# TYPE edgepeft_swap_duration_seconds histogram",
+                *self.swap_latency.render("edgepeft_swap_duration_seconds", None),
+            ]
+            for name, help_text, value in (
+                ("edgepeft_swaps_total", "Active-version changes (install+activate, activate, rollback).",
+                 self.swaps),
+                ("edgepeft_installs_total", "Bundles installed.", self.installs),
+                ("edgepeft_rejected_bundles_total", "Bundles refused (signature, base, release, format).",
+                 self.rejected_bundles),
+                ("edgepeft_rows_scored_total", "Rows scored.", self.rows_scored),
+            ):
+                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
+        for name, (help_text, read) in sorted(self._gauges.items()):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {read():g}"]
+        return "\n".join(lines) + "\n"

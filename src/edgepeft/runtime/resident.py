@@ -1,0 +1,274 @@
+"""The resident base and the per-version models built on it without copying it.
+
+A device serves many assets from one pretrained base. The base is loaded once (:class:`ResidentBase`); each
+installed adapter version becomes an immutable :class:`ServingModel` whose frozen tensors *alias* the resident
+base's storage, so a resident adapter costs only its own tensors, not another copy of the base.
+
+Aliasing is safe only while nothing writes into the shared storage, and two kinds of method would:
+- methods that train base tensors in place (BitFit trains the base biases; its ``load`` copies the saved biases
+  *into* them): every trainable tensor that aliases the base gets a private clone *before* the adapter is
+  loaded, so the copy lands in the clone;
+- methods that rebuild the base (full fine-tuning and scratch; scratch re-initialises the weights inside
+  ``attach``): they get a wholly private copy, since their delta is the whole model anyway.
+Merging (``merge_adapter``) would also write into the base; the runtime never merges a served model.
+
+The detector's numbers (scaler, channel weights, threshold, calibrator) come from its ``detector.json`` exactly
+as :meth:`AnomalyDetector.load` reads them, so a served version scores bit-identically to the same detector
+loaded offline.
+
+Example:
+    >>> resident = ResidentBase.load("tiny")          # doctest: +SKIP
+    >>> served = load_torch_version(resident, "STATE/assets/pump-1/3", asset_id="pump-1", version="3")  # doctest: +SKIP
+    >>> served.score_all(rows)["score"].shape         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgepeft.core.config import read_json
+from edgepeft.core.errors import ArtifactError, ModelError
+from edgepeft.data.scaler import ChannelScaler
+from edgepeft.detect.detector import ADAPTER_DIR, DETECTOR_FILE, AnomalyDetector
+from edgepeft.detect.threshold import ScoreCalibrator, threshold_from_dict
+from edgepeft.models.registry import load_base, state_sha256
+from edgepeft.peft import PeftConfig, PeftMethod, get_method
+
+# What a resident torch model costs beyond its own tensors: the Python objects of its module tree (every nn.Module
+# carries a dozen dicts) and peft's wrappers. `edgepeft.runtime.bench.adapter_memory` measured 355 KB of RSS per
+# LoRA adapter on the tiny base (410 KB once it has scored), of which 21 KB are tensors. The cache budget counts
+# this, so that "256 MB" means roughly 256 MB of RSS rather than 256 MB of tensors.
+MODEL_OVERHEAD_BYTES = 384 * 1024
+
+
+class ResidentBase:
+    """One pretrained base, loaded once, frozen, and shared by every served adapter.
+
+    Attributes:
+        name: registry name of the base (``tiny``, ``small`` or a registered one).
+        module: the frozen base module; never written after load.
+        sha256: :func:`~edgepeft.models.registry.state_sha256` of the weights at load time.
+    """
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        module.requires_grad_(False)
+        module.eval()
+        self.name = name
+        self.module = module
+        self.sha256 = state_sha256(module)
+        # Storage addresses of every base tensor: how a model's tensor is recognised as an alias of the base.
+        self._storages = {
+            t.untyped_storage().data_ptr() for t in module.state_dict().values() if t.numel() > 0
+        }
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, name: str) -> ResidentBase:
+        """Load base ``name`` from the registry (weights checked against its model card)."""
+        return cls(name, load_base(name))
+
+    @property
+    def window_len(self) -> int:
+        return int(self.module.window_len)
+
+    @property
+    def patch_len(self) -> int:
+        return int(self.module.patch_len)
+
+    def aliases(self, tensor: torch.Tensor) -> bool:
+        """True when ``tensor`` shares storage with a base tensor (writing it would change the base)."""
+        return tensor.numel() > 0 and tensor.untyped_storage().data_ptr() in self._storages
+
+    def current_sha256(self) -> str:
+        """Hash the weights now; equal to :attr:`sha256` unless something wrote into the shared base."""
+        with self._lock:  # hashing is slow-ish; one at a time keeps health probes from piling up
+            return state_sha256(self.module)
+
+    def shared_copy(self) -> nn.Module:
+        """A new module tree whose parameters and buffers alias this base's tensors (no tensor is copied).
+
+        The parameters are new ``nn.Parameter`` objects over the same storage, so flags such as
+        ``requires_grad`` set by a method's ``attach`` stay private to the copy.
+        """
+        memo: dict[int, Any] = {}
+        for param in self.module.parameters():
+            memo[id(param)] = nn.Parameter(param.detach(), requires_grad=False)
+        for buffer in self.module.buffers():
+            memo[id(buffer)] = buffer.detach()
+        return copy.deepcopy(self.module, memo)
+
+    def private_copy(self) -> nn.Module:
+        """A new module tree with its own copy of every tensor (for methods that rewrite the base)."""
+        return copy.deepcopy(self.module)
+
+    def private_bytes(self, module: nn.Module) -> int:
+        """Bytes of ``module``'s tensors that are not the base's: what this model adds to the process."""
+        seen: set[int] = set()
+        total = 0
+        for tensor in [*module.parameters(), *module.buffers()]:
+            storage = tensor.untyped_storage()
+            ptr = storage.data_ptr()
+            if tensor.numel() == 0 or ptr in self._storages or ptr in seen:
+                continue
+            seen.add(ptr)
+            total += storage.nbytes()
+        return total
+
+
+def read_detector(directory: str | Path) -> AnomalyDetector:
+    """The fitted numbers of a saved detector (everything but its model), read as ``AnomalyDetector.load`` does.
+
+    The model is built separately, on the resident base, by :func:`load_torch_version` or the ONNX engine.
+    """
+    directory = Path(directory)
+    if not (directory / DETECTOR_FILE).exists():
+        raise ArtifactError(f"{directory} is not an edgepeft detector (no {DETECTOR_FILE}); reinstall the bundle")
+    state = read_json(directory / DETECTOR_FILE)
+    try:
+        det = AnomalyDetector(**state["params"])
+        det.base = state["base"]
+        det.channels_ = list(state["channels"])
+        det.n_channels_ = len(det.channels_)
+        det.base_sha256_ = state["base_sha256"]
+        det.base_parameters_ = int(state["base_parameters"])
+        det.peft_config_ = PeftConfig(**state["peft_config"])
+        det.scaler_ = ChannelScaler.from_dict(state["scaler"])
+        det.channel_error_ = np.asarray(state["channel_error"], dtype=np.float64)
+        det.threshold_model_ = threshold_from_dict(state["threshold"])
+        det.threshold_ = float(det.threshold_model_.threshold_)
+        det.calibrator_ = ScoreCalibrator.from_dict(state["calibrator"])
+        det.report_ = dict(state["report"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{directory / DETECTOR_FILE} is malformed ({exc})") from exc
+    return det
+
+
+def check_compatible(det: AnomalyDetector, resident: ResidentBase, directory: Path) -> None:
+    """Refuse a detector trained on another base: its delta would run on weights it never saw."""
+    if det.base != resident.name or det.base_sha256_ != resident.sha256:
+        raise ModelError(
+            f"adapter in {directory} was trained on base {det.base!r} (sha256 {det.base_sha256_[:12]}…) but this "
+            f"runtime serves base {resident.name!r} (sha256 {resident.sha256[:12]}…); re-adapt it on this base"
+        )
+
+
+def build_torch_model(resident: ResidentBase, det: AnomalyDetector, adapter_dir: Path) -> nn.Module:
+    """The adapted torch model of one detector, its frozen tensors aliasing the resident base."""
+    method = get_method(det.peft_config_.method)
+    base = resident.private_copy() if method.trains_base else resident.shared_copy()
+    base.set_n_channels(det.n_channels_)  # a new, private tags tensor; the base's (empty) one is untouched
+    model = method.attach(base, det.peft_config_)
+    # Whatever the method will train (and so load into) must not be shared storage: BitFit's biases, or the
+    # LayerNorm shifts of any future method. Cloning here, before ``load``, sends its in-place copy to the clone.
+    for param in model.parameters():
+        if param.requires_grad and resident.aliases(param):
+            param.data = param.data.clone()
+    method.load(model, adapter_dir)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+class FrozenModel:
+    """A served torch model, callable as the detector calls its ``model_``, in eval mode for good.
+
+    ``AnomalyDetector`` puts its model in eval mode on every scoring call; on a model that never leaves eval
+    mode that walk over every submodule is pure overhead (about a tenth of a small request), so ``eval`` is a
+    no-op here. Inference mode skips autograd bookkeeping that ``no_grad`` still does.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        model.eval()
+        self.model = model
+        self.encoder = PeftMethod.encoder(model)
+
+    def __call__(self, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(x, hidden)
+
+    def eval(self) -> FrozenModel:
+        return self
+
+    def get_base_model(self) -> nn.Module:
+        return self.encoder
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """One installed adapter version, ready to score. Immutable: a swap replaces the object, never its weights.
+
+    A request that picked this object finishes on it even if the asset is switched to another version meanwhile.
+
+    Attributes:
+        asset_id: the asset it serves.
+        version: the adapter version (as in the bundle manifest).
+        release: the bundle's release counter.
+        method: PEFT method name.
+        engine: ``torch`` or ``onnx`` (the engine that actually runs it).
+        detector: the fitted detector whose ``model_`` computes the reconstructions.
+        private_bytes: bytes this version adds to the process (its own tensors plus a fixed overhead).
+        note: why it runs on a different engine than asked, if it does.
+    """
+
+    asset_id: str
+    version: str
+    release: int
+    method: str
+    engine: str
+    detector: AnomalyDetector = field(repr=False, compare=False)
+    private_bytes: int = 0
+    note: str = ""
+
+    @property
+    def n_channels(self) -> int:
+        return int(self.detector.n_channels_)
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self.detector.channels_)
+
+    def score_all(self, rows: Any) -> dict[str, np.ndarray]:
+        """score, p_anomaly and anomaly per row, exactly as the detector computes them offline."""
+        return self.detector.score_all(rows)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "release": self.release,
+            "method": self.method,
+            "engine": self.engine,
+            "channels": self.channels,
+            "threshold": float(self.detector.threshold_),
+            "private_bytes": self.private_bytes,
+            **({"note": self.note} if self.note else {}),
+        }
+
+
+def load_torch_version(
+    resident: ResidentBase, directory: str | Path, *, asset_id: str, version: str, release: int = 0, note: str = ""
+) -> ServingModel:
+    """Build the serving model of a detector directory on the resident base (torch engine)."""
+    directory = Path(directory)
+    det = read_detector(directory)
+    check_compatible(det, resident, directory)
+    model = build_torch_model(resident, det, directory / ADAPTER_DIR)
+    det.model_ = FrozenModel(model)
+    det.method_ = get_method(det.peft_config_.method)
+    return ServingModel(
+        asset_id=asset_id,
+        version=version,
+        release=release,
+        method=det.peft_config_.method,
+        engine="torch",
+        detector=det,
+        private_bytes=resident.private_bytes(model) + MODEL_OVERHEAD_BYTES,
+        note=note,
+    )

@@ -1,0 +1,496 @@
+"""The device runtime: one resident base, many assets' adapters, atomic hot swap, persistent state.
+
+:class:`DeviceRuntime` is what the HTTP server (:mod:`edgepeft.runtime.server`) is a thin shell around; tests
+and benchmarks drive it directly too.
+
+How a swap stays atomic without stopping requests:
+- every installed version is an immutable :class:`~edgepeft.runtime.resident.ServingModel` (its weights are
+  never written after load);
+- the set of active versions lives in one immutable :class:`~edgepeft.runtime.state.RuntimeState`, replaced as a
+  whole by a single reference assignment (atomic in CPython) after ``state.json`` is safely on disk;
+- a request reads that reference once, resolves its asset's version and model, and uses only those objects to
+  the end, so it finishes on the version it started with and is tagged with it; the next request sees the
+  new state. Nothing is ever half-swapped, so no request can mix two adapters.
+Writes (install, activate, rollback) are serialised by one lock; scoring takes no lock on the hot path.
+
+Example:
+    >>> runtime = DeviceRuntime.open(RuntimeConfig(state_dir="STATE", base="tiny"))   # doctest: +SKIP
+    >>> runtime.install_bundle(open("pump-1_v2.edelta", "rb").read())                  # doctest: +SKIP
+    >>> served, result = runtime.score("pump-1", rows)                                   # doctest: +SKIP
+    >>> served.version, result["score"].shape                                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgepeft.core.errors import ArtifactError, ConfigError, ModelError
+from edgepeft.runtime.cache import AdapterCache
+from edgepeft.runtime.metrics import Metrics
+from edgepeft.runtime.resident import ResidentBase, ServingModel, load_torch_version, read_detector
+from edgepeft.runtime.state import (
+    AssetRecord,
+    RuntimeState,
+    StateStore,
+    UnknownAssetError,
+    VersionRecord,
+    check_name,
+)
+
+ENGINES = ("torch", "onnx")
+
+
+@dataclass
+class RuntimeConfig:
+    """How this device runs (runtime settings; none of this is written into state or bundles).
+
+    Attributes:
+        state_dir: folder holding state.json and the installed versions (created if missing).
+        base: the resident base model every adapter must have been trained on.
+        engine: ``torch``, or ``onnx`` to run LoRA adapters through one ONNX Runtime graph (other methods
+            fall back to torch, noted in the asset listing).
+        cache_mb: RAM budget of loaded adapters; least recently used ones are dropped and reloaded on demand.
+        trusted_keys: public key files (PEM) whose signatures this device accepts on bundles.
+        onnx_int8: with the onnx engine, run the int8 dynamically quantised base graph.
+        threads: torch / ONNX Runtime threads per request (None: leave the libraries' defaults).
+        warm: load the active version of every asset at start-up (within the cache budget).
+    """
+
+    state_dir: str | Path
+    base: str = "tiny"
+    engine: str = "torch"
+    cache_mb: float = 256.0
+    trusted_keys: Sequence[str | Path] = field(default_factory=list)
+    onnx_int8: bool = False
+    threads: int | None = None
+    warm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if not self.cache_mb > 0:
+            raise ConfigError(f"cache_mb must be positive, got {self.cache_mb}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+
+class Engine(Protocol):
+    """Turns an installed detector directory into a ServingModel."""
+
+    name: str
+
+    def load(self, directory: Path, *, asset_id: str, version: str, release: int) -> ServingModel: ...
+
+
+class TorchEngine:
+    """Serve adapters as torch models on the resident base (every PEFT method)."""
+
+    name = "torch"
+
+    def __init__(self, resident: ResidentBase) -> None:
+        self.resident = resident
+
+    def load(self, directory: Path, *, asset_id: str, version: str, release: int) -> ServingModel:
+        return load_torch_version(self.resident, directory, asset_id=asset_id, version=version, release=release)
+
+
+class DeviceRuntime:
+    """Installed adapters for many assets on one resident base; see the module docstring."""
+
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        resident: ResidentBase,
+        store: StateStore,
+        state: RuntimeState,
+        engine: Engine,
+        trusted_keys: list[Any],
+    ) -> None:
+        self.config = config
+        self.resident = resident
+        self.store = store
+        self._state = state
+        self.engine = engine
+        self.trusted_keys = trusted_keys
+        self.cache = AdapterCache(int(config.cache_mb * 1024 * 1024))
+        self.metrics = Metrics()
+        self.started_at = time.time()
+        self._write_lock = threading.Lock()
+        self.metrics.gauge("edgepeft_cache_adapters", "Adapter versions loaded in memory.",
+                           lambda: self.cache.stats()["entries"])
+        self.metrics.gauge("edgepeft_cache_bytes", "Estimated bytes of loaded adapter versions.",
+                           lambda: self.cache.stats()["bytes"])
+        self.metrics.gauge("edgepeft_cache_budget_bytes", "RAM budget of loaded adapter versions.",
+                           lambda: self.cache.budget_bytes)
+        self.metrics.gauge("edgepeft_cache_evictions", "Versions dropped from memory to stay in budget (total).",
+                           lambda: self.cache.stats()["evictions"])
+        self.metrics.gauge("edgepeft_cache_loads", "Versions loaded from disk into memory (total).",
+                           lambda: self.cache.stats()["loads"])
+        self.metrics.gauge("edgepeft_assets", "Assets installed.", lambda: len(self._state.assets))
+
+    # ------------------------------------------------------------------ start-up
+    @classmethod
+    def open(cls, config: RuntimeConfig, *, resident: ResidentBase | None = None) -> DeviceRuntime:
+        """Load the base, read the state directory and (optionally) warm the active versions."""
+        if config.threads is not None:
+            import torch
+
+            torch.set_num_threads(config.threads)
+        resident = resident or ResidentBase.load(config.base)
+        if resident.name != config.base:
+            raise ConfigError(f"resident base is {resident.name!r} but the config asks for {config.base!r}")
+        keys = load_trusted_keys(config.trusted_keys)
+        store = StateStore(config.state_dir)
+        store.acquire()
+        try:
+            state = store.load(base=resident.name, base_sha256=resident.sha256)
+            engine = make_engine(config, resident, store)
+            runtime = cls(config, resident, store, state, engine, keys)
+            if config.warm:
+                runtime.warm()
+        except BaseException:
+            store.release()
+            raise
+        return runtime
+
+    def close(self) -> None:
+        """Release the state directory (another runtime may open it afterwards)."""
+        self.store.release()
+
+    def __enter__(self) -> DeviceRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def warm(self) -> None:
+        """Load every asset's active version until the cache budget is used, so first requests do not wait."""
+        for record in self._state.assets.values():
+            if record.active is None:
+                continue
+            if self.cache.stats()["bytes"] >= self.cache.budget_bytes:
+                break
+            self.model(record.asset_id, record.active)
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def state(self) -> RuntimeState:
+        """The current state (an immutable snapshot)."""
+        return self._state
+
+    def model(self, asset_id: str, version: str) -> ServingModel:
+        """The serving model of an installed version, from the cache or loaded from disk."""
+        return self._model(self._state.asset(asset_id), version)
+
+    def active_model(self, asset_id: str) -> ServingModel:
+        """The model new requests for ``asset_id`` are scored with, resolved from one state snapshot."""
+        record = self._state.asset(asset_id)  # one read of the reference: the swap point
+        if record.active is None:
+            raise UnknownAssetError(f"asset {asset_id!r} has no active version; activate one of "
+                                    f"{', '.join(record.versions) or 'its versions'}")
+        return self._model(record, record.active)
+
+    def _model(self, record: AssetRecord, version: str) -> ServingModel:
+        if version not in record.versions:
+            raise UnknownAssetError(f"asset {record.asset_id!r} has no version {version!r}; installed: "
+                                    f"{', '.join(record.versions) or 'none'}")
+        asset_id, release = record.asset_id, record.versions[version].release
+
+        def load() -> ServingModel:
+            return self.engine.load(self.store.version_dir(asset_id, version), asset_id=asset_id,
+                                    version=version, release=release)
+
+        return self.cache.get((asset_id, version), load)
+
+    def score(self, asset_id: str, rows: Any) -> tuple[ServingModel, dict[str, np.ndarray]]:
+        """Score ``rows`` (rows x channels, array or DataFrame) with the asset's active version.
+
+        Returns the model that produced the scores (its ``version`` tags the answer) and the scores.
+        """
+        served = self.active_model(asset_id)
+        result = served.score_all(rows)
+        self.metrics.count("rows_scored", len(result["score"]))
+        return served, result
+
+    def assets(self) -> list[dict[str, Any]]:
+        """Every asset: active version, installed versions (with release), rollback target, what is loaded."""
+        state = self._state
+        loaded = self.cache.snapshot()
+        out = []
+        for asset_id, record in sorted(state.assets.items()):
+            versions = []
+            for version, rec in record.versions.items():
+                served = loaded.get((asset_id, version))
+                versions.append({
+                    "version": version,
+                    "release": rec.release,
+                    "method": rec.method,
+                    "installed_at": rec.installed_at,
+                    "loaded": served is not None,
+                    **({"engine": served.engine} if served is not None else {}),
+                    **({"note": served.note} if served is not None and served.note else {}),
+                })
+            out.append({
+                "asset_id": asset_id,
+                "active": record.active,
+                "previous": record.history[-1] if record.history else None,
+                "release": record.release,
+                "versions": versions,
+            })
+        return out
+
+    def health(self, *, check_base: bool = True) -> dict[str, Any]:
+        """Liveness plus the one invariant that must never break: the resident base is unchanged."""
+        stats = self.cache.stats()
+        out: dict[str, Any] = {
+            "status": "ok",
+            "base": self.resident.name,
+            "base_sha256": self.resident.sha256,
+            "engine": self.engine.name,
+            "assets": len(self._state.assets),
+            "cache": stats,
+            "uptime_seconds": time.time() - self.started_at,
+        }
+        if check_base:
+            intact = self.resident.current_sha256() == self.resident.sha256
+            out["base_intact"] = intact
+            if not intact:
+                out["status"] = "base-modified"
+        return out
+
+    # ------------------------------------------------------------------ writing
+    def install_bundle(self, data: bytes, *, activate: bool = True, allow_rollback: bool = False) -> dict[str, Any]:
+        """Verify a signed ``.edelta`` bundle, unpack it, load and smoke-test it, then commit it.
+
+        Nothing changes unless every step succeeds: a rejected bundle leaves ``state.json``, the installed
+        versions and the active ones exactly as they were.
+        """
+        from edgepeft.delta import BundleError, read_bundle, unpack_bundle, verify_bundle
+
+        started = time.perf_counter()
+        with self._write_lock:
+            state = self._state
+            try:
+                claimed = read_bundle(data)  # unverified: only to learn which asset's release counter applies
+                check_name(claimed.asset_id, "asset id")
+                check_name(claimed.version, "version")
+                installed = state.assets.get(claimed.asset_id)
+                bundle = verify_bundle(
+                    data, self.trusted_keys, resident_base_sha256=self.resident.sha256,
+                    installed_release=installed.release if installed else 0, allow_rollback=allow_rollback,
+                )
+            except (BundleError, ConfigError) as exc:
+                self.metrics.count("rejected_bundles")
+                raise BundleError(f"bundle rejected: {exc}") from exc
+            asset_id, version = bundle.asset_id, bundle.version
+            digest = hashlib.sha256(data).hexdigest()
+            if installed is not None and version in installed.versions:
+                if installed.versions[version].bundle_sha256 != digest:
+                    self.metrics.count("rejected_bundles")
+                    raise BundleError(
+                        f"bundle rejected: asset {asset_id!r} already has a different version {version!r}; a version "
+                        "is immutable once installed, publish this adapter under a new version"
+                    )
+                # The very same bundle again (an explicitly allowed re-install): nothing to unpack.
+                result = {"asset_id": asset_id, "version": version, "release": bundle.release,
+                          "already_installed": True}
+                if activate:
+                    result.update(self._activate_locked(asset_id, version, started))
+                return result
+            try:
+                return self._install_locked(
+                    lambda staging: Path(unpack_bundle(bundle, staging / "detector")),
+                    asset_id=asset_id, version=version, release=bundle.release, digest=digest,
+                    manifest=_manifest_summary(bundle.manifest), activate=activate, started=started,
+                )
+            except BaseException:
+                self.metrics.count("rejected_bundles")
+                raise
+
+    def install_directory(
+        self, directory: str | Path, *, asset_id: str, version: str, release: int, activate: bool = True
+    ) -> dict[str, Any]:
+        """Install a detector directory without a bundle (provisioning, tests, benchmarks).
+
+        Not reachable over HTTP: only someone who can already write the state directory can use it. Version
+        immutability and release counters are enforced as for bundles.
+        """
+        started = time.perf_counter()
+        check_name(asset_id, "asset id")
+        check_name(version, "version")
+        with self._write_lock:
+            installed = self._state.assets.get(asset_id)
+            if installed is not None and version in installed.versions:
+                raise ArtifactError(f"asset {asset_id!r} already has version {version!r}; versions are immutable, "
+                                    "install it under a new version")
+            if installed is not None and release <= installed.release:
+                raise ArtifactError(f"release {release} of {asset_id!r} is not newer than the installed release "
+                                    f"{installed.release}; give a higher release")
+
+            def stage(staging: Path) -> Path:
+                return Path(shutil.copytree(directory, staging / "detector"))
+
+            return self._install_locked(stage, asset_id=asset_id, version=version, release=release, digest="local",
+                                        manifest={}, activate=activate, started=started)
+
+    def activate(self, asset_id: str, version: str) -> dict[str, Any]:
+        """Make ``version`` the one new requests for ``asset_id`` use (loaded first, so the swap is instant)."""
+        started = time.perf_counter()
+        with self._write_lock:
+            return self._activate_locked(asset_id, version, started)
+
+    def rollback(self, asset_id: str) -> dict[str, Any]:
+        """Re-activate the version that was active before the current one."""
+        started = time.perf_counter()
+        with self._write_lock:
+            state = self._state
+            record = state.asset(asset_id)
+            rolled = record.rolled_back()
+            self._model(rolled, rolled.active)  # load before the swap: requests must not wait on disk
+            new_state = state.with_asset(rolled)
+            self.store.save(new_state)
+            self._state = new_state
+            seconds = time.perf_counter() - started
+            self.metrics.observe_swap(seconds)
+            return {"asset_id": asset_id, "active": rolled.active, "rolled_back_from": record.active,
+                    "swap_seconds": seconds}
+
+    # ------------------------------------------------------------------ internals
+    def _install_locked(
+        self,
+        stage: Callable[[Path], Path],
+        *,
+        asset_id: str,
+        version: str,
+        release: int,
+        digest: str,
+        manifest: dict[str, Any],
+        activate: bool,
+        started: float,
+    ) -> dict[str, Any]:
+        """Stage a detector directory, move it into place, load and smoke-test it, then commit state.json.
+
+        The caller holds the write lock and has checked policy. ``state.json`` is the commit point: until it is
+        replaced, a failure removes what was written and the device state is exactly as before.
+        """
+        state = self._state
+        installed = state.assets.get(asset_id) or AssetRecord(asset_id=asset_id)
+        staging = Path(tempfile.mkdtemp(prefix=f"{asset_id}-{version}-", dir=self._staging_root()))
+        target = self.store.version_dir(asset_id, version)
+        moved = False
+        try:
+            prepared = stage(staging)
+            # A directory state.json does not name is debris of an interrupted install: replace it.
+            shutil.rmtree(target, ignore_errors=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(prepared, target)
+            moved = True
+            _fsync_dir(target.parent)  # the rename must be on disk before state.json names the version
+            served = self._load_checked(target, asset_id, version, release)
+            version_record = VersionRecord(
+                version=version, release=release, method=served.method,
+                installed_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                bundle_sha256=digest, manifest=manifest,
+            )
+            record = dataclasses.replace(
+                installed, release=max(installed.release, release),
+                versions={**installed.versions, version: version_record},
+            )
+            if activate:
+                record = record.activate(version)
+            new_state = state.with_asset(record)
+            self.store.save(new_state)  # the commit point
+        except BaseException:
+            if moved:
+                shutil.rmtree(target, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.cache.put((asset_id, version), served)
+        self._state = new_state  # the swap: one reference assignment
+        seconds = time.perf_counter() - started
+        self.metrics.count("installs")
+        if activate:
+            self.metrics.observe_swap(seconds)
+        return {"asset_id": asset_id, "version": version, "release": release, "method": served.method,
+                "engine": served.engine, "active": record.active, "install_seconds": seconds}
+
+    def _activate_locked(self, asset_id: str, version: str, started: float) -> dict[str, Any]:
+        state = self._state
+        record = state.asset(asset_id)
+        previous = record.active
+        served = self._model(record, version)  # validates the version and loads it before the swap
+        if version != previous:
+            new_state = state.with_asset(record.activate(version))
+            self.store.save(new_state)  # durable first: a restart must serve what requests were told
+            self._state = new_state  # the swap
+        seconds = time.perf_counter() - started
+        if version != previous:
+            self.metrics.observe_swap(seconds)
+        return {"asset_id": asset_id, "active": version, "previous": previous, "engine": served.engine,
+                "swap_seconds": seconds}
+
+    def _staging_root(self) -> Path:
+        root = self.store.staging_dir()
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+    def _load_checked(self, directory: Path, asset_id: str, version: str, release: int) -> ServingModel:
+        """Load a freshly unpacked version and score a few rows, so a broken adapter never goes live."""
+        det = read_detector(directory)
+        if det.base != self.resident.name:
+            raise ModelError(f"adapter is for base {det.base!r}; this device serves {self.resident.name!r}")
+        served = self.engine.load(directory, asset_id=asset_id, version=version, release=release)
+        rows = np.zeros((2 * self.resident.patch_len, served.n_channels), dtype=np.float32)
+        result = served.score_all(rows)
+        if not np.isfinite(result["score"]).all():
+            raise ModelError(f"adapter {asset_id} {version} produces non-finite scores; it was not installed")
+        return served
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest fields worth keeping in state.json (not the scaler or channel statistics)."""
+    keys = ("asset_id", "adapter_version", "release", "parent_version", "created_at", "expires_at", "signer")
+    summary = {key: manifest.get(key) for key in keys if key in manifest}
+    peft = manifest.get("peft")
+    if isinstance(peft, dict):
+        summary["method"] = peft.get("method")
+    return summary
+
+
+def load_trusted_keys(paths: Sequence[str | Path]) -> list[Any]:
+    """Public keys from PEM files; an empty list means no bundle can be installed (scoring still works)."""
+    if not paths:
+        return []
+    from edgepeft.delta import load_public_key
+
+    return [load_public_key(path) for path in paths]
+
+
+def make_engine(config: RuntimeConfig, resident: ResidentBase, store: StateStore) -> Engine:
+    if config.engine == "onnx":
+        from edgepeft.runtime.onnx import OnnxEngine
+
+        return OnnxEngine(resident, store.onnx_dir(), int8=config.onnx_int8, threads=config.threads)
+    return TorchEngine(resident)

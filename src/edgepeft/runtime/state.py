@@ -1,0 +1,217 @@
+"""What a device remembers across restarts: installed versions, the active one per asset, release counters.
+
+Layout of a state directory (all of it owned by one runtime process)::
+
+    STATE/
+      state.json                     # RuntimeState: the only file that says what is installed and active
+      assets/<asset_id>/<version>/   # one unpacked AnomalyDetector directory per installed version
+      staging/                       # bundles being unpacked; emptied at start-up
+      onnx/                          # exported graphs and ONNX Runtime adapter files (derived, rebuildable)
+      token                          # write-endpoint token, generated (mode 0600) when none is configured
+      lock                           # held (flock) by the one runtime process that owns the directory
+
+``state.json`` is replaced atomically (temp file, fsync, rename) and only *after* a version's directory is
+complete, so a crash leaves either the old state or the new one, and a directory that ``state.json`` does not
+name is ignored (and overwritten by the next install of that version). State objects are immutable: every
+change builds a new :class:`RuntimeState` and the runtime swaps one reference.
+
+Example:
+    >>> import tempfile
+    >>> store = StateStore(tempfile.mkdtemp())
+    >>> state = store.load(base="tiny", base_sha256="ab" * 32)
+    >>> state.assets
+    {}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgepeft.core.config import read_json, write_json
+from edgepeft.core.errors import ArtifactError, ConfigError
+
+STATE_FILE = "state.json"
+ASSETS_DIR = "assets"
+STAGING_DIR = "staging"
+ONNX_DIR = "onnx"
+TOKEN_FILE = "token"
+LOCK_FILE = "lock"
+# Enough to walk back through a bad day of updates; older entries fall off so the file stays small.
+MAX_HISTORY = 32
+
+# Asset ids and versions become directory names: keep them to a portable, traversal-free alphabet.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(value: str, what: str) -> str:
+    """``value`` if it is a safe asset id / version string, else a ConfigError that says what is allowed."""
+    if not isinstance(value, str) or not _NAME.match(value) or ".." in value:
+        raise ConfigError(
+            f"{what} {value!r} is not allowed: use 1-128 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One installed adapter version.
+
+    Attributes:
+        version: version string from the bundle manifest.
+        release: the bundle's release counter (monotonic per asset).
+        method: PEFT method of the adapter.
+        installed_at: UTC time of installation, ISO 8601.
+        bundle_sha256: hash of the installed bundle bytes (``local`` for directories installed by hand).
+        manifest: the bundle manifest, kept for inspection.
+    """
+
+    version: str
+    release: int
+    method: str
+    installed_at: str
+    bundle_sha256: str
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AssetRecord:
+    """One asset: its installed versions, the active one and the activation history (for rollback).
+
+    Attributes:
+        asset_id: the asset.
+        active: the version new requests are scored with (None until one is activated).
+        history: versions previously active, most recent last; rollback pops from the end.
+        release: the highest release ever installed; a bundle must exceed it (anti-rollback).
+        versions: installed versions by version string.
+    """
+
+    asset_id: str
+    active: str | None = None
+    history: tuple[str, ...] = ()
+    release: int = 0
+    versions: dict[str, VersionRecord] = field(default_factory=dict)
+
+    def activate(self, version: str) -> AssetRecord:
+        """This asset with ``version`` active and the current one remembered for rollback."""
+        if version == self.active:
+            return self
+        history = self.history if self.active is None else (*self.history, self.active)
+        return dataclasses.replace(self, active=version, history=history[-MAX_HISTORY:])
+
+    def rolled_back(self) -> AssetRecord:
+        """This asset with the previously active version active again."""
+        if not self.history:
+            raise ConflictError(f"asset {self.asset_id!r} has no previous version to roll back to; activate a "
+                                "version by name instead")
+        return dataclasses.replace(self, active=self.history[-1], history=self.history[:-1])
+
+
+@dataclass(frozen=True)
+class RuntimeState:
+    """Everything ``state.json`` holds. Immutable; the ``with_*`` helpers return a changed copy."""
+
+    base: str
+    base_sha256: str
+    assets: dict[str, AssetRecord] = field(default_factory=dict)
+
+    def asset(self, asset_id: str) -> AssetRecord:
+        try:
+            return self.assets[asset_id]
+        except KeyError:
+            raise UnknownAssetError(f"asset {asset_id!r} is not installed on this device; install a bundle for "
+                                    "it first (POST /v1/bundles)") from None
+
+    def with_asset(self, record: AssetRecord) -> RuntimeState:
+        return dataclasses.replace(self, assets={**self.assets, record.asset_id: record})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RuntimeState:
+        try:
+            assets = {}
+            for asset_id, raw in data["assets"].items():
+                versions = {v: VersionRecord(**rec) for v, rec in raw["versions"].items()}
+                assets[asset_id] = AssetRecord(
+                    asset_id=raw["asset_id"], active=raw["active"], history=tuple(raw["history"]),
+                    release=int(raw["release"]), versions=versions,
+                )
+            return cls(base=data["base"], base_sha256=data["base_sha256"], assets=assets)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ArtifactError(f"{STATE_FILE} is malformed ({exc}); restore it from a backup or start a new "
+                                "--state directory") from exc
+
+
+class UnknownAssetError(ConfigError):
+    """An asset or version that this device does not have (HTTP 404)."""
+
+
+class ConflictError(ConfigError):
+    """A request that the device's current state does not allow, e.g. a rollback with no history (HTTP 409)."""
+
+
+class StateStore:
+    """Reads and atomically writes a state directory (layout in the module docstring)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._lock_handle: Any = None
+
+    def acquire(self) -> None:
+        """Take the directory's exclusive lock: two runtimes writing one state.json would lose installs."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.root / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the life of the runtime
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise ConflictError(f"state directory {self.root} is in use by another edgepeft runtime; stop it "
+                                "first, or give this one another --state") from None
+        self._lock_handle = handle
+
+    def release(self) -> None:
+        if self._lock_handle is not None:
+            self._lock_handle.close()  # closing drops the flock
+            self._lock_handle = None
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / STATE_FILE
+
+    def version_dir(self, asset_id: str, version: str) -> Path:
+        return self.root / ASSETS_DIR / check_name(asset_id, "asset id") / check_name(version, "version")
+
+    def staging_dir(self) -> Path:
+        return self.root / STAGING_DIR
+
+    def onnx_dir(self) -> Path:
+        return self.root / ONNX_DIR
+
+    def load(self, *, base: str, base_sha256: str) -> RuntimeState:
+        """The saved state, or an empty one for a new directory; refuses a state made for another base."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        # A crash mid-install leaves a half-unpacked bundle here; nothing refers to it.
+        shutil.rmtree(self.staging_dir(), ignore_errors=True)
+        if not self.state_file.exists():
+            return RuntimeState(base=base, base_sha256=base_sha256)
+        state = RuntimeState.from_dict(read_json(self.state_file))
+        if state.base != base or state.base_sha256 != base_sha256:
+            raise ArtifactError(
+                f"state directory {self.root} holds adapters for base {state.base!r} (sha256 "
+                f"{state.base_sha256[:12]}…) but this runtime loads base {base!r} (sha256 {base_sha256[:12]}…); "
+                "serve that base, or use a new --state directory and reinstall the bundles"
+            )
+        return state
+
+    def save(self, state: RuntimeState) -> None:
+        """Atomically replace ``state.json`` (temp + fsync + rename)."""
+        write_json(self.state_file, state.to_dict())

@@ -1,0 +1,101 @@
+"""Crash safety: a real streaming process killed with SIGKILL at random moments, at least 20 times.
+
+Every restart must resume from the newest checkpoint on disk, no checkpoint file may ever be unreadable, and
+the outputs and the adapter at the end must be bit-identical to a run that was never interrupted.
+
+The processes are forked from a forkserver that has imported torch and edgepeft once: a fresh interpreter per
+restart would spend seconds on imports and the test would mostly measure those.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgepeft.detect.streaming import RUNS_LOG, stream_array
+from edgepeft.train.stream import checkpoint_files, latest_checkpoint, read_checkpoint
+from tests.conftest import sine_series
+
+KILLS = 20
+PARAMS = {"base": "tiny", "method": "bitfit", "warmup": 100, "warmup_steps": 10, "update_every": 16,
+          "batch_size": 4, "continual": "replay", "seed": 0}
+CHECKPOINT_EVERY = 16
+
+
+def _newest_position(directory: Path) -> int:
+    """Position of the newest checkpoint, after checking that every checkpoint file there is readable."""
+    for path in checkpoint_files(directory):
+        read_checkpoint(path)  # raises ArtifactError on a torn or corrupt file
+    found = latest_checkpoint(directory)
+    return 0 if found is None else int(found[1]["detector"]["n_seen"])
+
+
+def _starts(directory: Path) -> list[int]:
+    log = directory / RUNS_LOG
+    return [int(line.split()[1]) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_sigkill_at_random_moments_resumes_from_the_last_good_checkpoint(tmp_path: Path) -> None:
+    values = sine_series(2000, 2, seed=7)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["edgepeft.detect.streaming", "torch._dynamo"])
+    old_threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the forkserver: one thread, like the rest of the suite
+    try:
+        reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+        kwargs = {"checkpoint_every": CHECKPOINT_EVERY}
+        reference = ctx.Process(target=stream_array, args=(values, PARAMS),
+                                kwargs={**kwargs, "checkpoint_dir": reference_dir})
+        reference.start()
+        rng = random.Random(0)
+        kills, resumed_at, rate = 0, [], None  # rate: rows per second of a run, as observed so far
+        while kills < KILLS:
+            before = _newest_position(killed_dir)
+            assert before < len(values), "the stream finished before enough kills; give it more rows"
+            child = ctx.Process(target=stream_array, args=(values, PARAMS),
+                                kwargs={**kwargs, "checkpoint_dir": killed_dir})
+            starts = len(_starts(killed_dir))
+            # Spread the kills over the whole stream whatever the machine's speed: aim each run at an equal share
+            # of the rows still to go, then kill it at a random moment around that.
+            share = (len(values) - before) / (KILLS - kills + 2)
+            delay = 0.4 if not rate else min(max(share / rate, 0.05), 2.0)
+            pause = rng.uniform(0.3 * delay, 1.7 * delay)
+            child.start()
+            time.sleep(pause)
+            os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            child.join()
+            assert child.exitcode == -signal.SIGKILL
+            kills += 1
+            new_starts = _starts(killed_dir)[starts:]
+            assert new_starts in ([], [before]), (new_starts, before)  # resumed exactly at the newest checkpoint
+            resumed_at += new_starts
+            after = _newest_position(killed_dir)
+            assert after >= before  # progress is never lost
+            if after > before:
+                rate = (after - before) / pause
+        final = ctx.Process(target=stream_array, args=(values, PARAMS), kwargs={**kwargs, "checkpoint_dir": killed_dir})
+        final.start()
+        final.join()
+        reference.join()
+        assert final.exitcode == 0 and reference.exitcode == 0
+    finally:
+        if old_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old_threads
+    assert len(set(resumed_at)) > 3  # the kills landed at many different points of the stream
+    # Both finished streams read back from their checkpoints (no rows are recomputed): bit-identical.
+    done = stream_array(values, PARAMS, checkpoint_dir=killed_dir, checkpoint_every=CHECKPOINT_EVERY)
+    expected = stream_array(values, PARAMS, checkpoint_dir=reference_dir, checkpoint_every=CHECKPOINT_EVERY)
+    assert done.resumed_from == len(values)
+    for key in ("score", "p_anomaly", "anomaly", "probation"):
+        assert np.array_equal(getattr(done, key), getattr(expected, key)), key
+    assert done.detector.adapter_bytes() == expected.detector.adapter_bytes()
+    assert torch.equal(torch.from_numpy(done.score), torch.from_numpy(expected.score))

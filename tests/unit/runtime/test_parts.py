@@ -1,0 +1,101 @@
+"""The small parts: LRU cache, Prometheus text, state records and names, token resolution."""
+
+from __future__ import annotations
+
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from edgepeft.core.errors import ArtifactError, ConfigError
+from edgepeft.runtime.cache import AdapterCache
+from edgepeft.runtime.metrics import Metrics
+from edgepeft.runtime.server import TOKEN_ENV, resolve_token
+from edgepeft.runtime.state import AssetRecord, ConflictError, RuntimeState, StateStore, check_name
+
+
+class _Entry:
+    def __init__(self, nbytes: int) -> None:
+        self.private_bytes = nbytes
+
+
+def test_cache_evicts_least_recently_used_and_loads_once() -> None:
+    cache = AdapterCache(budget_bytes=250)
+    for version in "abc":
+        cache.get(("x", version), lambda: _Entry(100))
+    assert cache.keys() == [("x", "b"), ("x", "c")]
+    cache.get(("x", "b"), lambda: pytest.fail("a hit must not load"))
+    cache.get(("x", "d"), lambda: _Entry(100))
+    assert cache.keys() == [("x", "b"), ("x", "d")], "c was the least recently used"
+    loads = []
+    barrier = threading.Barrier(4)
+
+    def load() -> _Entry:
+        loads.append(1)
+        return _Entry(10)
+
+    def worker() -> None:
+        barrier.wait()
+        cache.get(("y", "1"), load)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(loads) == 1, "concurrent misses on one key load once"
+    big = AdapterCache(budget_bytes=10)
+    big.get(("z", "1"), lambda: _Entry(100))
+    assert big.keys() == [("z", "1")], "an entry larger than the budget is still served"
+
+
+def test_prometheus_text() -> None:
+    metrics = Metrics()
+    metrics.observe_request("/v1/assets/{asset_id}/score", 200, 0.003)
+    metrics.observe_request("/v1/assets/{asset_id}/score", 404, 0.2)
+    metrics.observe_swap(0.002)
+    metrics.gauge("edgepeft_cache_bytes", "bytes", lambda: 1234)
+    text = metrics.render()
+    assert text.endswith("\n")
+    assert '# TYPE edgepeft_request_duration_seconds histogram' in text
+    assert 'edgepeft_request_duration_seconds_bucket{route="/v1/assets/{asset_id}/score",le="0.005"} 1' in text
+    assert 'edgepeft_request_duration_seconds_bucket{route="/v1/assets/{asset_id}/score",le="+Inf"} 2' in text
+    assert 'edgepeft_request_errors_total{route="/v1/assets/{asset_id}/score",kind="client"} 1' in text
+    assert "edgepeft_swaps_total 1" in text and "edgepeft_cache_bytes 1234" in text
+    assert 'edgepeft_swap_duration_seconds_count 1' in text
+
+
+def test_state_records_round_trip_and_refuse_another_base(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    state = store.load(base="tiny", base_sha256="a" * 64)
+    record = AssetRecord(asset_id="pump-1").activate("1").activate("2").activate("3")
+    assert record.history == ("1", "2") and record.rolled_back().active == "2"
+    with pytest.raises(ConflictError):
+        AssetRecord(asset_id="pump-1").rolled_back()
+    state = state.with_asset(record)
+    store.save(state)
+    assert StateStore(tmp_path).load(base="tiny", base_sha256="a" * 64) == state
+    with pytest.raises(ArtifactError, match="new --state directory"):
+        StateStore(tmp_path).load(base="tiny", base_sha256="b" * 64)
+    assert RuntimeState.from_dict(state.to_dict()) == state
+    for bad in ("", "../x", "a/b", ".hidden", "x" * 129, "a..b"):
+        with pytest.raises(ConfigError):
+            check_name(bad, "version")
+    assert check_name("1.0.0-rc_1", "version") == "1.0.0-rc_1"
+
+
+def test_token_from_file_env_or_generated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    token, source = resolve_token(None, tmp_path / "state")
+    generated = tmp_path / "state" / "token"
+    assert source == str(generated) and len(token) >= 32
+    assert stat.S_IMODE(generated.stat().st_mode) == 0o600
+    assert resolve_token(None, tmp_path / "state")[0] == token, "generated once, then reused"
+    monkeypatch.setenv(TOKEN_ENV, "from-the-environment-123")
+    assert resolve_token(None, tmp_path / "state") == ("from-the-environment-123", f"${TOKEN_ENV}")
+    (tmp_path / "t").write_text("from-a-file-0123456789\n")
+    assert resolve_token(tmp_path / "t", tmp_path / "state")[0] == "from-a-file-0123456789"
+    (tmp_path / "short").write_text("abc")
+    with pytest.raises(ConfigError, match="at least 16"):
+        resolve_token(tmp_path / "short", tmp_path / "state")

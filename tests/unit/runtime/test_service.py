@@ -1,0 +1,167 @@
+"""DeviceRuntime in-process: shared resident base, every method, cache eviction, bundles, persistence."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from edgepeft.core.errors import ArtifactError, ConfigError
+from edgepeft.delta import BundleError
+from edgepeft.detect.detector import AnomalyDetector
+from edgepeft.models.registry import state_sha256
+from edgepeft.peft import get_method
+from edgepeft.runtime.loadtest import payloads
+from edgepeft.runtime.resident import ResidentBase
+from edgepeft.runtime.service import DeviceRuntime, RuntimeConfig
+from edgepeft.runtime.state import ConflictError, UnknownAssetError
+from tests.unit.runtime.conftest import ASSET, bundle
+
+ROWS = payloads(2, 96)[1]  # a stretch with one channel broken away from the others
+
+
+@pytest.fixture(scope="module")
+def resident() -> ResidentBase:
+    return ResidentBase.load("tiny")
+
+
+def _open(state: Path, resident: ResidentBase, **kwargs: object) -> DeviceRuntime:
+    return DeviceRuntime.open(RuntimeConfig(state_dir=state, base="tiny", **kwargs), resident=resident)
+
+
+def test_resident_base_stays_bit_identical_under_every_method(
+    tmp_path: Path, resident: ResidentBase, every_method: dict[str, Path]
+) -> None:
+    """Install and score every method many times, with evictions and reloads: the shared base never changes,
+    and every served version scores exactly as the detector does offline."""
+    before = state_sha256(resident.module)
+    with _open(tmp_path / "state", resident, cache_mb=1.0) as runtime:  # ~1 MB: forces evictions
+        for release, (method, directory) in enumerate(every_method.items(), start=1):
+            runtime.install_directory(directory, asset_id=f"a-{method}", version="1", release=release)
+        offline = {m: AnomalyDetector.load(d).score_all(ROWS)["score"] for m, d in every_method.items()}
+        for _ in range(3):
+            for method in every_method:
+                served, result = runtime.score(f"a-{method}", ROWS)
+                assert served.method == method
+                np.testing.assert_allclose(result["score"], offline[method], rtol=1e-5, err_msg=method)
+        assert runtime.cache.stats()["evictions"] > 0, "the budget should have forced evictions"
+        assert runtime.health()["base_intact"]
+    assert state_sha256(resident.module) == before == resident.sha256
+
+
+def test_frozen_tensors_alias_the_resident_base(
+    tmp_path: Path, resident: ResidentBase, every_method: dict[str, Path]
+) -> None:
+    with _open(tmp_path / "state", resident) as runtime:
+        for release, (method, directory) in enumerate(every_method.items(), start=1):
+            runtime.install_directory(directory, asset_id=f"a-{method}", version="1", release=release)
+            model = runtime.active_model(f"a-{method}").detector.model_.model
+            params = dict(model.named_parameters())
+            shared = [n for n, p in params.items() if resident.aliases(p)]
+            if get_method(method).trains_base:
+                assert not shared, f"{method} rewrites the base: it must own every tensor"
+                continue
+            # Everything but the method's own tensors (and the per-asset tags) is the resident storage itself.
+            assert len(shared) > len(params) // 2, method
+            base_bytes = sum(t.numel() * 4 for t in resident.module.state_dict().values())
+            assert resident.private_bytes(model) < 0.5 * base_bytes, method
+            if method == "bitfit":
+                # The biases BitFit trained (its saved delta) are private copies; the untrained ones stay shared.
+                trained = [n for n in load_file(str(directory / "adapter" / "adapter_model.safetensors"))
+                           if n.endswith("bias")]
+                assert trained and not any(resident.aliases(params[n]) for n in trained), "trained biases are private"
+
+
+def test_bundle_install_activate_rollback_and_persistence(
+    tmp_path: Path, resident: ResidentBase, versions: list[Path], keys: dict[str, object]
+) -> None:
+    offline = [AnomalyDetector.load(d).score_all(ROWS)["score"] for d in versions]
+    state = tmp_path / "state"
+    config = {"trusted_keys": [keys["public"]]}
+    with _open(state, resident, **config) as runtime:
+        for index, directory in enumerate(versions[:2]):
+            answer = runtime.install_bundle(bundle(directory, keys["trusted"], f"{index + 1}", index + 1))
+            assert answer["active"] == f"{index + 1}"
+        served, result = runtime.score(ASSET, ROWS)
+        assert served.version == "2"
+        np.testing.assert_array_equal(result["score"], offline[1])
+        assert runtime.rollback(ASSET)["active"] == "1"
+        assert np.array_equal(runtime.score(ASSET, ROWS)[1]["score"], offline[0]), "rollback restores exact scores"
+        with pytest.raises(ConflictError, match="no previous version"):
+            runtime.rollback(ASSET)
+        runtime.install_bundle(bundle(versions[2], keys["trusted"], "3", 3), activate=False)
+        assert runtime.state.asset(ASSET).active == "1"
+        runtime.activate(ASSET, "3")
+        with pytest.raises(UnknownAssetError):
+            runtime.activate(ASSET, "9")
+        with pytest.raises(UnknownAssetError):
+            runtime.score("nope", ROWS)
+        saved = runtime.state
+    # A new process on the same directory: same versions, same active one, same history, same release counter.
+    with _open(state, resident, **config) as runtime:
+        assert runtime.state == saved
+        served, result = runtime.score(ASSET, ROWS)
+        assert served.version == "3"
+        np.testing.assert_array_equal(result["score"], offline[2])
+        assert runtime.rollback(ASSET)["active"] == "1"
+        with pytest.raises(BundleError, match="not newer"):
+            runtime.install_bundle(bundle(versions[0], keys["trusted"], "4", 2))
+
+
+def test_rejected_bundles_change_nothing(
+    tmp_path: Path, resident: ResidentBase, versions: list[Path], keys: dict[str, object]
+) -> None:
+    state = tmp_path / "state"
+    with _open(state, resident, trusted_keys=[keys["public"]]) as runtime:
+        first = bundle(versions[0], keys["trusted"], "1", 1)
+        runtime.install_bundle(first)
+        snapshot = _tree(state)
+        other_base = tmp_path / "other-base"
+        shutil.copytree(versions[1], other_base)
+        det_json = other_base / "detector.json"
+        det_json.write_text(det_json.read_text().replace(resident.sha256, "0" * 64))
+        tampered = bytearray(bundle(versions[1], keys["trusted"], "2", 2))
+        tampered[-100] ^= 0xFF
+        rejected = {
+            "garbage": b"not a bundle",
+            "tampered": bytes(tampered),
+            "untrusted signer": bundle(versions[1], keys["untrusted"], "2", 2),
+            "replayed release": bundle(versions[1], keys["trusted"], "2", 1),
+            "same version, other content": bundle(versions[1], keys["trusted"], "1", 5),
+            "other base": bundle(other_base, keys["trusted"], "2", 2),
+            "truncated": first[: len(first) // 2],
+        }
+        for case, data in rejected.items():
+            with pytest.raises(BundleError):
+                runtime.install_bundle(data)
+            assert _tree(state) == snapshot, f"{case}: a rejected bundle changed the state directory"
+        assert runtime.state.asset(ASSET).active == "1"
+        assert runtime.metrics.rejected_bundles == len(rejected)
+
+
+def test_install_needs_trusted_keys_and_local_install_checks(
+    tmp_path: Path, resident: ResidentBase, versions: list[Path], keys: dict[str, object]
+) -> None:
+    with _open(tmp_path / "state", resident) as runtime:
+        with pytest.raises(BundleError, match="no trusted public keys"):
+            runtime.install_bundle(bundle(versions[0], keys["trusted"], "1", 1))
+        runtime.install_directory(versions[0], asset_id=ASSET, version="1", release=1)
+        with pytest.raises(ArtifactError, match="immutable"):
+            runtime.install_directory(versions[1], asset_id=ASSET, version="1", release=2)
+        with pytest.raises(ConfigError, match="not allowed"):
+            runtime.install_directory(versions[1], asset_id="../evil", version="2", release=2)
+
+
+def test_state_directory_has_one_owner(tmp_path: Path, resident: ResidentBase) -> None:
+    with _open(tmp_path / "state", resident), pytest.raises(ConflictError, match="in use"):
+        _open(tmp_path / "state", resident)
+    _open(tmp_path / "state", resident).close()  # released on close
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (except the lock) with its content."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "lock"}
