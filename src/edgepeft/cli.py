@@ -232,7 +232,7 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for the HTML report, results and adapters.")] = Path(
         "edgepeft-demo"
     ),
-    base: Annotated[str, typer.Option(help="Base model: tiny or small.")] = "small",
+    base: Annotated[str, typer.Option(help="Base model: tiny (default, fits the 3-minute demo) or small.")] = "tiny",
     method: Annotated[str, typer.Option(help="PEFT method for every pump.")] = "lora",
     pumps: Annotated[int, typer.Option(help="Simulated pumps (at least 6 covers every fault kind).")] = 6,
     steps: Annotated[int, typer.Option(help="Adaptation steps per pump.")] = 150,
