@@ -154,3 +154,22 @@ def docs(
 
     path = regenerate_benchmarks(docs_dir)
     Console().print(f"wrote {path}", highlight=False)
+
+
+@bench_app.command()
+def deploy(
+    out: Annotated[Path | None, typer.Option(help="Output folder (default bench-out/deploy).")] = None,
+    quick: Annotated[bool, typer.Option(help="Short load test (10 s, 100 req/s, 50 swaps) instead of 60 s.")] = False,
+    base: Annotated[str, typer.Option(help="Base the bundle sizes are compared with.")] = "small",
+) -> None:
+    """Bundle bytes vs base, install/activate time, torch vs ONNX Runtime, memory per adapter, hot-swap load test."""
+    from rich.console import Console
+
+    from edgepeft.bench.deploy_bench import run_deploy_bench
+
+    folder = _out(out, "deploy")
+    results = run_deploy_bench(folder, quick=quick, base=base)
+    console = Console(soft_wrap=True)
+    for target in results["targets"]:
+        console.print(f"{target['status'].upper()} {target['target']}: {target['measured']}", highlight=False)
+    console.print(f"results -> {folder / 'results.json'}, {folder / 'results.md'}", highlight=False)

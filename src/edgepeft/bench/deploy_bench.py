@@ -1,0 +1,100 @@
+"""`edgepeft bench deploy`: the update path's costs, measured side by side in one run.
+
+Bundle bytes against the base model's bytes (fp32, int8, int8+zstd), verify + install + activate time,
+scoring throughput and latency of the torch and ONNX Runtime engines, memory per resident adapter, and
+the hot-swap load test (a real HTTP client against a real server while adapters are swapped).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepeft.bench.harness import run_info, write_results
+
+
+def bundle_sizes(base: str = "small", seed: int = 0) -> dict[str, Any]:
+    """Bytes of a rank-8 LoRA bundle (fp32, int8, int8+zstd) for an 8-channel asset, against the base's bytes."""
+    from edgepeft.delta.keys import generate_key
+    from edgepeft.delta.pack import pack_bundle
+    from edgepeft.detect.detector import AnomalyDetector
+    from edgepeft.models.registry import weights_path
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(1200)[:, None]
+    rows = np.sin(t / (5 + np.arange(8))) + 0.05 * rng.normal(size=(1200, 8))
+    det = AnomalyDetector(base=base, method="lora", rank=8, steps=20, seed=seed).fit(rows)
+    key = generate_key()
+    base_bytes = weights_path(base).stat().st_size
+    out: dict[str, Any] = {"base": base, "base_bytes": base_bytes, "method": "lora", "rank": 8, "channels": 8}
+    with tempfile.TemporaryDirectory() as tmp:
+        det.save(Path(tmp) / "det")
+        for name, int8, zstd in (("fp32", False, False), ("int8", True, False), ("int8_zstd", True, True)):
+            blob = pack_bundle(Path(tmp) / "det", key, asset_id="bench", version="1", release=1, int8=int8, zstd=zstd)
+            out[f"{name}_bytes"] = len(blob)
+            out[f"{name}_share_of_base"] = len(blob) / base_bytes
+    return out
+
+
+def run_deploy_bench(out: Path, *, quick: bool = False, base: str = "small") -> dict[str, Any]:
+    """Run every deployment benchmark and write results.json + results.md into ``out``."""
+    from edgepeft.runtime.bench import run_all
+
+    results: dict[str, Any] = {"suite": "deploy", **run_info(), "bundle": bundle_sizes(base)}
+    results.update(run_all(quick=quick))
+    bundle = results["bundle"]
+    install = results.get("install_activate", {})
+    load = results.get("load_test", {})
+    results["targets"] = [
+        {"target": "bundle <= 1 % of the base (fp32)", "measured": f"{100 * bundle['fp32_share_of_base']:.2f} %",
+         "status": "met" if bundle["fp32_share_of_base"] <= 0.01 else "missed"},
+        {"target": "bundle <= 0.5 % of the base (int8)", "measured": f"{100 * bundle['int8_share_of_base']:.2f} %",
+         "status": "met" if bundle["int8_share_of_base"] <= 0.005 else "missed"},
+        {"target": "verify + install + activate p99 <= 5 ms (<= 100 KB bundle)",
+         "measured": f"{install.get('install_activate_p99_ms', float('nan')):.1f} ms p99 (activating an installed "
+                     f"version: {install.get('activate_cached_p99_ms', float('nan')):.1f} ms p99)",
+         "status": "not evaluated" if "install_activate_p99_ms" not in install
+         else ("met" if install["install_activate_p99_ms"] <= 5.0 else "missed")},
+        {"target": "load test: zero errors and zero mismatches", "measured": f"errors {load.get('errors')}, "
+         f"mismatches {load.get('mismatches')}, {load.get('achieved_rate', load.get('rate'))} req/s",
+         "status": "met" if load and not load.get("errors") and not load.get("mismatches") else "missed"},
+    ]
+    path = write_results(out, results)
+    (path.parent / "results.md").write_text(render(results))
+    return results
+
+
+def render(results: dict[str, Any]) -> str:
+    """Markdown: provenance, targets, then every measured number section by section."""
+    lines = ["# Deployment: bundles, install, hot swap, engines", ""]
+    machine = results.get("machine", {})
+    lines += [f"- Machine: {machine}",
+              f"- Date: {results.get('date')}; commit `{results.get('commit')}`",
+              f"- Command: `{results.get('command')}`", "", "| Target | Status | Measured |", "|---|---|---|"]
+    for target in results["targets"]:
+        status = target["status"].upper() if target["status"] != "met" else "met"
+        lines.append(f"| {target['target']} | **{status}** | {target['measured']} |")
+    for section in ("bundle", "install_activate", "scoring", "memory", "load_test"):
+        data = results.get(section)
+        if not isinstance(data, dict):
+            continue
+        lines += ["", f"## {section.replace('_', ' ')}", "", "| Measure | Value |", "|---|---|"]
+        for key, value in _flatten(data):
+            lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
+    return "\n".join(lines) + "\n"
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += _flatten(value, name + ".")
+        elif isinstance(value, list):
+            rows.append((name, f"{len(value)} values"))
+        else:
+            rows.append((name, value))
+    return rows
