@@ -43,7 +43,7 @@ def _starts(directory: Path) -> list[int]:
 
 
 def test_sigkill_at_random_moments_resumes_from_the_last_good_checkpoint(tmp_path: Path) -> None:
-    values = sine_series(2000, 2, seed=7)
+    values = sine_series(3000, 2, seed=7)
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["edgepeft.detect.streaming", "torch._dynamo"])
     old_threads = os.environ.get("OMP_NUM_THREADS")
@@ -65,11 +65,19 @@ def test_sigkill_at_random_moments_resumes_from_the_last_good_checkpoint(tmp_pat
             # Spread the kills over the whole stream whatever the machine's speed: aim each run at an equal share
             # of the rows still to go, then kill it at a random moment around that.
             share = (len(values) - before) / (KILLS - kills + 2)
-            delay = 0.4 if not rate else min(max(share / rate, 0.05), 2.0)
+            delay = 0.4 if not rate else min(max(share / rate, 0.05), 1.0)
             pause = rng.uniform(0.3 * delay, 1.7 * delay)
             child.start()
             time.sleep(pause)
-            os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            try:
+                os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            except ProcessLookupError:
+                # On a busy machine a run can reach the end of the stream before its kill lands; it must
+                # then have finished cleanly. It is not counted as a kill.
+                child.join()
+                assert child.exitcode == 0, child.exitcode
+                assert _newest_position(killed_dir) == len(values)
+                break
             child.join()
             assert child.exitcode == -signal.SIGKILL
             kills += 1
@@ -90,6 +98,7 @@ def test_sigkill_at_random_moments_resumes_from_the_last_good_checkpoint(tmp_pat
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = old_threads
+    assert kills >= KILLS, f"only {kills} kills landed before the stream ended; the machine was too fast or slow"
     assert len(set(resumed_at)) > 3  # the kills landed at many different points of the stream
     # Both finished streams read back from their checkpoints (no rows are recomputed): bit-identical.
     done = stream_array(values, PARAMS, checkpoint_dir=killed_dir, checkpoint_every=CHECKPOINT_EVERY)
