@@ -86,14 +86,17 @@ def warmup_cosine(step: int, total: int, warmup_share: float = 0.1, floor: float
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def masked_mse(model: nn.Module, windows: torch.Tensor, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the target patches only. windows (B, L, C); masks (B, C, N)."""
-    recon = model(windows, hidden)  # (B, L, C)
-    batch, length, n_channels = windows.shape
-    n_patches = hidden.shape[-1]
-    err = ((recon - windows) ** 2).transpose(1, 2).reshape(batch, n_channels, n_patches, -1).mean(-1)
+def patch_loss(recon: torch.Tensor, windows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the target patches only. recon, windows (B, L, C); target (B, C, N)."""
+    batch, _, n_channels = windows.shape
+    err = ((recon - windows) ** 2).transpose(1, 2).reshape(batch, n_channels, target.shape[-1], -1).mean(-1)
     weight = target.to(err.dtype)
     return (err * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def masked_mse(model: nn.Module, windows: torch.Tensor, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The model's reconstruction error on the target patches, with ``hidden`` patches hidden from it."""
+    return patch_loss(model(windows, hidden), windows, target)
 
 
 def adapt(
@@ -200,11 +203,7 @@ def _adapt_cached(
             std[blind_rows, blind_channels] = 1.0
             target[blind_rows, blind_channels] = True
         target &= ~pad_t[index]
-        recon = encoder.mix(feat, mean, std)  # (B, L, C)
-        windows_b = targets_all[index]
-        err = ((recon - windows_b) ** 2).transpose(1, 2).reshape(cfg.batch_size, n_channels, n_patches, -1).mean(-1)
-        weight = target.to(err.dtype)
-        loss = (err * weight).sum() / weight.sum().clamp(min=1.0)
+        loss = patch_loss(encoder.mix(feat, mean, std), targets_all[index], target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -37,7 +37,7 @@ from edgepeft.data.synthetic import generate_series
 from edgepeft.data.windows import training_windows
 from edgepeft.models.patch_encoder import PatchEncoder, PatchEncoderConfig
 from edgepeft.models.registry import save_base
-from edgepeft.train.adapt import masked_mse
+from edgepeft.train.adapt import masked_mse, patch_loss
 from edgepeft.train.masks import sample_hidden
 
 CORPUS_DESCRIPTION = (
@@ -210,12 +210,9 @@ def pretrain(
         tags = torch.randn(windows.shape[0], windows.shape[2], model_cfg.d_channel)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        recon = model(torch.from_numpy(windows), torch.from_numpy(hidden), channel_tags=tags)
-        batch, length, n_channels = windows.shape
-        err = ((recon - torch.from_numpy(windows)) ** 2).transpose(1, 2)
-        err = err.reshape(batch, n_channels, -1, model_cfg.patch_len)
-        weight = torch.from_numpy(target).float()
-        loss = (err.mean(-1) * weight).sum() / weight.sum().clamp(min=1.0)
+        windows_t = torch.from_numpy(windows)
+        recon = model(windows_t, torch.from_numpy(hidden), channel_tags=tags)
+        loss = patch_loss(recon, windows_t, torch.from_numpy(target))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
