@@ -112,19 +112,35 @@ def adapt(
     window_len, patch_len = encoder.window_len, encoder.patch_len
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    result = AdaptResult(steps=cfg.steps, seconds=0.0)
     if not params or cfg.steps == 0:
-        return result
+        return AdaptResult(steps=cfg.steps, seconds=0.0)
     if cfg.cache_features and getattr(encoder, "cacheable", False):
         return _adapt_cached(model, encoder, params, series, cfg, lr, rng, progress)
+
+    def batch_loss() -> torch.Tensor:
+        windows, pad = training_windows(series, cfg.batch_size, window_len, patch_len, rng)
+        hidden, target = sample_hidden(pad, rng, cfg.forecast_prob, cfg.mask_ratio, cfg.blind_prob)
+        return masked_mse(model, torch.from_numpy(windows), torch.from_numpy(hidden), torch.from_numpy(target))
+
+    return _optimise(model, params, cfg, lr, batch_loss, progress)
+
+
+def _optimise(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    cfg: AdaptConfig,
+    lr: float,
+    batch_loss: Callable[[], torch.Tensor],
+    progress: Callable[[int, float], None] | None,
+) -> AdaptResult:
+    """The one optimisation loop: AdamW, warm-up + cosine, gradient clipping, one batch loss per step."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, cfg.steps))
+    result = AdaptResult(steps=cfg.steps, seconds=0.0)
     model.train()
     start = time.perf_counter()
     for step in range(cfg.steps):
-        windows, pad = training_windows(series, cfg.batch_size, window_len, patch_len, rng)
-        hidden, target = sample_hidden(pad, rng, cfg.forecast_prob, cfg.mask_ratio, cfg.blind_prob)
-        loss = masked_mse(model, torch.from_numpy(windows), torch.from_numpy(hidden), torch.from_numpy(target))
+        loss = batch_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -185,12 +201,8 @@ def _adapt_cached(
     n_windows, n_channels, n_patches = pad.shape
     pad_t = torch.from_numpy(pad)
     blind_share = cfg.blind_prob / max(cfg.blind_prob + cfg.forecast_prob, 1e-9) if n_channels > 1 else 0.0
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, cfg.steps))
-    result = AdaptResult(steps=cfg.steps, seconds=0.0)
-    model.train()
-    start_time = time.perf_counter()
-    for step in range(cfg.steps):
+
+    def batch_loss() -> torch.Tensor:
         index = torch.from_numpy(rng.integers(0, n_windows, size=cfg.batch_size))
         feat, mean, std = feats[index].clone(), mean_all[index].clone(), std_all[index].clone()
         target = torch.zeros(cfg.batch_size, n_channels, n_patches, dtype=torch.bool)
@@ -203,15 +215,6 @@ def _adapt_cached(
             std[blind_rows, blind_channels] = 1.0
             target[blind_rows, blind_channels] = True
         target &= ~pad_t[index]
-        loss = patch_loss(encoder.mix(feat, mean, std), targets_all[index], target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        schedule.step()
-        result.losses.append(loss.item())
-        if progress is not None:
-            progress(step + 1, loss.item())
-    model.eval()
-    result.seconds = time.perf_counter() - start_time
-    return result
+        return patch_loss(encoder.mix(feat, mean, std), targets_all[index], target)
+
+    return _optimise(model, params, cfg, lr, batch_loss, progress)
