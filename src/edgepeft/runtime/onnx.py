@@ -315,6 +315,9 @@ class OnnxEngine:
         self._sessions: dict[tuple[str, ...], Any] = {}
         self._lock = threading.Lock()
 
+    def idle(self) -> None:
+        """Nothing to prepare: sessions are built once per graph and reused."""
+
     def graph_path(self, modules: tuple[str, ...]) -> Path:
         key = hashlib.sha256((self.resident.sha256 + "|" + ",".join(modules)).encode()).hexdigest()[:16]
         return self.workdir / f"{self.resident.name}-lora-{key}{'.int8' if self.int8 else ''}.onnx"
@@ -353,6 +356,9 @@ class OnnxEngine:
         except ModelError as exc:
             return load_torch_version(self.resident, directory, asset_id=asset_id, version=version,
                                       release=release, note=f"served by torch: {exc}")
+        if not all(np.isfinite(a).all() and np.isfinite(b).all() for a, b in lora.values()) or \
+                not np.isfinite(tags).all():
+            raise ModelError(f"adapter in {directory} has non-finite weights; it was not loaded")
         if tags.shape[0] != det.n_channels_:
             raise ArtifactError(f"adapter has tags for {tags.shape[0]} channels but the detector has "
                                 f"{det.n_channels_}; reinstall the bundle")

@@ -25,6 +25,8 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,21 +162,121 @@ def check_compatible(det: AnomalyDetector, resident: ResidentBase, directory: Pa
         )
 
 
-def build_torch_model(resident: ResidentBase, det: AnomalyDetector, adapter_dir: Path) -> nn.Module:
-    """The adapted torch model of one detector, its frozen tensors aliasing the resident base."""
-    method = get_method(det.peft_config_.method)
+def torch_skeleton(resident: ResidentBase, config: PeftConfig, n_channels: int) -> nn.Module:
+    """The adapted model's structure on the resident base, before any adapter weights are loaded.
+
+    Building it (module-tree copy, method attach) is most of what loading a version costs, and it depends only
+    on the method's config and the channel count, never on the weights: :class:`SkeletonPool` builds it ahead.
+    """
+    method = get_method(config.method)
     base = resident.private_copy() if method.trains_base else resident.shared_copy()
-    base.set_n_channels(det.n_channels_)  # a new, private tags tensor; the base's (empty) one is untouched
-    model = method.attach(base, det.peft_config_)
+    base.set_n_channels(n_channels)  # a new, private tags tensor; the base's (empty) one is untouched
+    model = method.attach(base, config)
     # Whatever the method will train (and so load into) must not be shared storage: BitFit's biases, or the
     # LayerNorm shifts of any future method. Cloning here, before ``load``, sends its in-place copy to the clone.
     for param in model.parameters():
         if param.requires_grad and resident.aliases(param):
             param.data = param.data.clone()
-    method.load(model, adapter_dir)
+    return model
+
+
+def build_torch_model(
+    resident: ResidentBase, det: AnomalyDetector, adapter_dir: Path, skeleton: nn.Module | None = None
+) -> nn.Module:
+    """The adapted torch model of one detector, its frozen tensors aliasing the resident base.
+
+    ``skeleton`` is an unused :func:`torch_skeleton` of the same config and channel count (from a pool); the
+    adapter's weights are loaded into it. Without one, it is built here. Either way the result is the same.
+    """
+    model = skeleton if skeleton is not None else torch_skeleton(resident, det.peft_config_, det.n_channels_)
+    get_method(det.peft_config_.method).load(model, adapter_dir)
+    # A NaN in an adapter weight need not show in a smoke-test score (a NaN query entry can vanish in
+    # attention over constant input), so the loaded weights themselves are checked; only the model's own
+    # tensors can be new, the aliased base was checked when it was loaded.
+    bad = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+           if not resident.aliases(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise ModelError(f"adapter in {adapter_dir} has non-finite weights ({bad[0]}); it was not loaded")
     model.requires_grad_(False)
     model.eval()
     return model
+
+
+def skeleton_key(config: PeftConfig, n_channels: int) -> str:
+    """What makes two skeletons interchangeable: the PEFT config and the channel count."""
+    return json.dumps([dataclasses.asdict(config), n_channels], sort_keys=True, default=str)
+
+
+class SkeletonPool:
+    """Spare model skeletons built off the request path, so installing or re-loading a version only loads weights.
+
+    After a version of some config is loaded, :meth:`refill` builds one spare of that config in a background thread;
+    the next install of the same kind (the usual case: a new version of the same asset) takes it instead of
+    building one.
+    Only methods that share the base's tensors are pooled: a spare of full fine-tuning would be a whole base copy.
+    Building runs the same code as the synchronous path, so a pooled model equals an unpooled one.
+
+    Example:
+        >>> pool = SkeletonPool(ResidentBase.load("tiny"))           # doctest: +SKIP
+        >>> model = pool.take(det.peft_config_, det.n_channels_)     # None: nothing built yet  # doctest: +SKIP
+        >>> threads = pool.refill()                                   # builds one in the background  # doctest: +SKIP
+    """
+
+    def __init__(self, resident: ResidentBase) -> None:
+        self.resident = resident
+        self._spares: dict[str, nn.Module] = {}
+        self._wanted: dict[str, tuple[PeftConfig, int]] = {}
+        self._building: set[str] = set()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def take(self, config: PeftConfig, n_channels: int) -> nn.Module | None:
+        """A ready spare for this config (removed from the pool), or None; :meth:`refill` replaces it later."""
+        key = skeleton_key(config, n_channels)
+        with self._lock:
+            if not get_method(config.method).trains_base:
+                self._wanted[key] = (config, n_channels)
+            spare = self._spares.pop(key, None)
+            if spare is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+        return spare
+
+    def refill(self) -> list[threading.Thread]:
+        """Start building a spare for every config taken so far that has none ready or on its way.
+
+        Called after a write has been answered, not inside it: a builder thread competes for the interpreter
+        lock, so starting it mid-install would slow the very install it is meant to speed up.
+        """
+        with self._lock:
+            todo = [(key, cfg) for key, cfg in self._wanted.items()
+                    if key not in self._spares and key not in self._building]
+            self._building.update(key for key, _ in todo)
+        threads = []
+        for key, (config, n_channels) in todo:
+            # Not a daemon: a build takes milliseconds, and torch aborts the process if interpreter shutdown
+            # kills a thread in the middle of one.
+            thread = threading.Thread(target=self._build, args=(key, config, n_channels), name="edgepeft-skeleton")
+            thread.start()
+            threads.append(thread)
+        return threads
+
+    def _build(self, key: str, config: PeftConfig, n_channels: int) -> None:
+        try:
+            model = torch_skeleton(self.resident, config, n_channels)
+            with self._lock:
+                self._spares[key] = model
+        except Exception:  # noqa: BLE001 - a failed spare only means the next load builds its own
+            pass
+        finally:
+            with self._lock:
+                self._building.discard(key)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._spares)
 
 
 class FrozenModel:
@@ -253,13 +355,21 @@ class ServingModel:
 
 
 def load_torch_version(
-    resident: ResidentBase, directory: str | Path, *, asset_id: str, version: str, release: int = 0, note: str = ""
+    resident: ResidentBase,
+    directory: str | Path,
+    *,
+    asset_id: str,
+    version: str,
+    release: int = 0,
+    note: str = "",
+    pool: SkeletonPool | None = None,
 ) -> ServingModel:
     """Build the serving model of a detector directory on the resident base (torch engine)."""
     directory = Path(directory)
     det = read_detector(directory)
     check_compatible(det, resident, directory)
-    model = build_torch_model(resident, det, directory / ADAPTER_DIR)
+    skeleton = pool.take(det.peft_config_, det.n_channels_) if pool is not None else None
+    model = build_torch_model(resident, det, directory / ADAPTER_DIR, skeleton)
     det.model_ = FrozenModel(model)
     det.method_ = get_method(det.peft_config_.method)
     return ServingModel(

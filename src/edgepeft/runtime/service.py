@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import os
 import shutil
@@ -40,7 +41,13 @@ import numpy as np
 from edgepeft.core.errors import ArtifactError, ConfigError, ModelError
 from edgepeft.runtime.cache import AdapterCache
 from edgepeft.runtime.metrics import Metrics
-from edgepeft.runtime.resident import ResidentBase, ServingModel, load_torch_version, read_detector
+from edgepeft.runtime.resident import (
+    ResidentBase,
+    ServingModel,
+    SkeletonPool,
+    load_torch_version,
+    read_detector,
+)
 from edgepeft.runtime.state import (
     AssetRecord,
     RuntimeState,
@@ -94,6 +101,10 @@ class Engine(Protocol):
 
     def load(self, directory: Path, *, asset_id: str, version: str, release: int) -> ServingModel: ...
 
+    def idle(self) -> None:
+        """Work that is best done off the request path (called after each write is answered)."""
+        ...
+
 
 class TorchEngine:
     """Serve adapters as torch models on the resident base (every PEFT method)."""
@@ -102,9 +113,28 @@ class TorchEngine:
 
     def __init__(self, resident: ResidentBase) -> None:
         self.resident = resident
+        # Spare skeletons make an install or a reload of an evicted version a weight load, not a model build.
+        self.pool = SkeletonPool(resident)
 
     def load(self, directory: Path, *, asset_id: str, version: str, release: int) -> ServingModel:
-        return load_torch_version(self.resident, directory, asset_id=asset_id, version=version, release=release)
+        return load_torch_version(self.resident, directory, asset_id=asset_id, version=version, release=release,
+                                  pool=self.pool)
+
+    def idle(self) -> None:
+        self.pool.refill()
+
+
+def _then_idle(method: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Run the engine's background preparation once a write is done, so it never delays the write itself."""
+
+    @functools.wraps(method)
+    def wrapper(self: DeviceRuntime, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.engine.idle()
+
+    return wrapper
 
 
 class DeviceRuntime:
@@ -272,6 +302,7 @@ class DeviceRuntime:
         return out
 
     # ------------------------------------------------------------------ writing
+    @_then_idle
     def install_bundle(self, data: bytes, *, activate: bool = True, allow_rollback: bool = False) -> dict[str, Any]:
         """Verify a signed ``.edelta`` bundle, unpack it, load and smoke-test it, then commit it.
 
@@ -320,6 +351,7 @@ class DeviceRuntime:
                 self.metrics.count("rejected_bundles")
                 raise
 
+    @_then_idle
     def install_directory(
         self, directory: str | Path, *, asset_id: str, version: str, release: int, activate: bool = True
     ) -> dict[str, Any]:
@@ -346,12 +378,14 @@ class DeviceRuntime:
             return self._install_locked(stage, asset_id=asset_id, version=version, release=release, digest="local",
                                         manifest={}, activate=activate, started=started)
 
+    @_then_idle
     def activate(self, asset_id: str, version: str) -> dict[str, Any]:
         """Make ``version`` the one new requests for ``asset_id`` use (loaded first, so the swap is instant)."""
         started = time.perf_counter()
         with self._write_lock:
             return self._activate_locked(asset_id, version, started)
 
+    @_then_idle
     def rollback(self, asset_id: str) -> dict[str, Any]:
         """Re-activate the version that was active before the current one."""
         started = time.perf_counter()
@@ -454,7 +488,9 @@ class DeviceRuntime:
         if det.base != self.resident.name:
             raise ModelError(f"adapter is for base {det.base!r}; this device serves {self.resident.name!r}")
         served = self.engine.load(directory, asset_id=asset_id, version=version, release=release)
-        rows = np.zeros((2 * self.resident.patch_len, served.n_channels), dtype=np.float32)
+        # One patch runs every path a request runs (forecast and blind passes, every adapter weight) at a
+        # fraction of a larger batch's cost; it is on the install's critical path.
+        rows = np.zeros((self.resident.patch_len, served.n_channels), dtype=np.float32)
         result = served.score_all(rows)
         if not np.isfinite(result["score"]).all():
             raise ModelError(f"adapter {asset_id} {version} produces non-finite scores; it was not installed")

@@ -131,7 +131,22 @@ class RuntimeState:
         return dataclasses.replace(self, assets={**self.assets, record.asset_id: record})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Written out by hand rather than with dataclasses.asdict, which deep-copies every stored manifest:
+        # state.json is rewritten on every install and activation, and that copy was a visible share of it.
+        return {
+            "base": self.base,
+            "base_sha256": self.base_sha256,
+            "assets": {
+                asset_id: {
+                    "asset_id": record.asset_id,
+                    "active": record.active,
+                    "history": list(record.history),
+                    "release": record.release,
+                    "versions": {name: dict(vars(version)) for name, version in record.versions.items()},
+                }
+                for asset_id, record in self.assets.items()
+            },
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RuntimeState:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from edgepeft.core.errors import ArtifactError, ConfigError
+from edgepeft.core.errors import ArtifactError, ConfigError, ModelError
 from edgepeft.delta import BundleError
 from edgepeft.detect.detector import AnomalyDetector
 from edgepeft.models.registry import state_sha256
@@ -165,3 +166,42 @@ def _tree(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` (except the lock) with its content."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file() and p.name != "lock"}
+
+
+def test_pooled_skeletons_score_exactly_like_freshly_built_models(
+    tmp_path: Path, resident: ResidentBase, versions: list[Path]
+) -> None:
+    """Installs after the first take a spare skeleton built in the background; the scores must not change."""
+    with _open(tmp_path / "state", resident) as runtime:
+        pool = runtime.engine.pool
+        for release, directory in enumerate(versions, start=1):
+            runtime.install_directory(directory, asset_id=ASSET, version=str(release), release=release)
+            for thread in pool.refill():  # the refill install_directory started may still be running
+                thread.join()
+            deadline = time.monotonic() + 30
+            while len(pool) == 0 and time.monotonic() < deadline:  # the refill the install itself started
+                time.sleep(0.05)
+            served, result = runtime.score(ASSET, ROWS)
+            offline = AnomalyDetector.load(directory).score_all(ROWS)["score"]
+            np.testing.assert_array_equal(result["score"], offline)
+        assert pool.hits == len(versions) - 1 and pool.misses == 1, (pool.hits, pool.misses)
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnx"])
+def test_adapter_with_non_finite_weights_is_refused_and_nothing_changes(
+    tmp_path: Path, resident: ResidentBase, versions: list[Path], engine: str
+) -> None:
+    broken = Path(shutil.copytree(versions[1], tmp_path / "broken"))
+    weights = broken / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(n for n in tensors if "lora_B" in n)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with _open(tmp_path / "state", resident, engine=engine) as runtime:
+        runtime.install_directory(versions[0], asset_id=ASSET, version="1", release=1)
+        before = (tmp_path / "state" / "state.json").read_bytes()
+        with pytest.raises(ModelError, match="non-finite"):
+            runtime.install_directory(broken, asset_id=ASSET, version="2", release=2)
+        assert (tmp_path / "state" / "state.json").read_bytes() == before
+        assert not (tmp_path / "state" / "assets" / ASSET / "2").exists()
+        assert runtime.active_model(ASSET).version == "1"
