@@ -10,8 +10,11 @@ How a score is made, and why:
      other sensors' history. A forecaster happily follows a sensor that drifted or broke away from
      the others; the blind prediction does not, which is how MSET-style methods catch relation faults.
 3. Squared errors are divided per channel and per kind by their typical value on normal rows, so a
-   noisy sensor does not drown a quiet one, mixed (``blind_weight``), and combined over channels as the
-   mean of ``log1p``, so one sensor that drifted far cannot outvote the rest.
+   noisy sensor does not drown a quiet one, and mixed (``blind_weight``). A slow channel (a state variable
+   such as a temperature: most of its training variance is slower than the model's window, ``slow_channel_share``)
+   keeps only its forecast term: its level is not a function of the other sensors, so outside the training
+   range its blind error measures drift, not a fault. Channels combine as the ``max`` (or ``mean``) of
+   ``log1p`` of their evidence (``channel_agg``).
 4. A trailing (causal) mean over ``smoothing`` rows: real faults are collective, single-row noise is not.
 5. A threshold is calibrated on held-out *normal* rows for a target false-alarm rate (quantile or
    peaks-over-threshold), and the same held-out scores calibrate ``p_anomaly``.
@@ -48,7 +51,13 @@ from edgepeft.core.errors import ArtifactError, ConfigError, DataError, OutputEr
 from edgepeft.data.csvio import validate_array
 from edgepeft.data.scaler import ChannelScaler
 from edgepeft.data.windows import scoring_windows
-from edgepeft.detect.scoring import channel_evidence, combine_errors
+from edgepeft.detect.scoring import (
+    CHANNEL_AGGS,
+    channel_evidence,
+    combine_errors,
+    evidence_weights,
+    slow_share,
+)
 from edgepeft.detect.threshold import ScoreCalibrator, make_threshold, threshold_from_dict
 from edgepeft.models.registry import list_bases, load_base, load_card, state_sha256
 from edgepeft.peft import PeftConfig, get_method, list_methods, parameter_report
@@ -81,6 +90,8 @@ class AnomalyDetector:
         calib_fraction: float = 0.2,
         seed: int = 0,
         peft_options: dict[str, Any] | None = None,
+        channel_agg: str = "max",
+        slow_channel_share: float | None = 0.3,
     ) -> None:
         self.base = base
         self.method = method
@@ -95,6 +106,8 @@ class AnomalyDetector:
         self.calib_fraction = calib_fraction
         self.seed = seed
         self.peft_options = peft_options
+        self.channel_agg = channel_agg
+        self.slow_channel_share = slow_channel_share
 
     # ------------------------------------------------------------------ validation
     def _check_params(self) -> None:
@@ -110,6 +123,10 @@ class AnomalyDetector:
             raise ConfigError(f"blind_weight must be in [0, 1], got {self.blind_weight}")
         if not 0.05 <= self.calib_fraction <= 0.5:
             raise ConfigError(f"calib_fraction must be in [0.05, 0.5], got {self.calib_fraction}")
+        if self.channel_agg not in CHANNEL_AGGS:
+            raise ConfigError(f"channel_agg must be one of {', '.join(CHANNEL_AGGS)}, got {self.channel_agg!r}")
+        if self.slow_channel_share is not None and not 0.0 <= self.slow_channel_share <= 1.0:
+            raise ConfigError(f"slow_channel_share must be in [0, 1] or None, got {self.slow_channel_share}")
 
     def _peft_config(self) -> PeftConfig:
         # Default: adapters in the cross-channel block only. The frozen temporal blocks then run once
@@ -157,6 +174,10 @@ class AnomalyDetector:
         self.model_ = model
         self.method_ = method
 
+        # Slow channels: most of their training variance lives on time scales longer than the model's window.
+        slow = (slow_share(scaled[:n_fit], window_len) > self.slow_channel_share
+                if self.slow_channel_share is not None else None)
+        self.evidence_weights_ = evidence_weights(self.n_channels_, self.blind_weight, slow)
         # Typical per-channel error on the fitted rows sets the channel weights; the held-out rows,
         # scored with their real history, calibrate threshold and probability.
         errors = self._row_errors(scaled)
@@ -258,7 +279,7 @@ class AnomalyDetector:
         return errors
 
     def _aggregate(self, errors: np.ndarray) -> np.ndarray:
-        return combine_errors(errors, self.channel_error_, self.blind_weight, self.smoothing)
+        return combine_errors(errors, self.channel_error_, self.evidence_weights_, self.smoothing, self.channel_agg)
 
     def _prepare(self, X: Any) -> np.ndarray:
         self._check_fitted()
@@ -275,7 +296,7 @@ class AnomalyDetector:
 
     def channel_scores(self, X: Any) -> np.ndarray:
         """(rows, channels) normalised errors before smoothing: which sensor drives an alert."""
-        return channel_evidence(self._row_errors(self._prepare(X)), self.channel_error_, self.blind_weight)
+        return channel_evidence(self._row_errors(self._prepare(X)), self.channel_error_, self.evidence_weights_)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """p_anomaly per row in [0, 1], calibrated on held-out normal rows."""
@@ -334,6 +355,7 @@ class AnomalyDetector:
                 "peft_config": dataclasses.asdict(self.peft_config_),
                 "scaler": self.scaler_.to_dict(),
                 "channel_error": self.channel_error_.tolist(),
+                "evidence_weights": self.evidence_weights_.tolist(),
                 "threshold": self.threshold_model_.to_dict(),
                 "calibrator": self.calibrator_.to_dict(),
                 "report": {k: float(v) for k, v in self.report_.items()},
@@ -360,14 +382,34 @@ class AnomalyDetector:
         if not (directory / DETECTOR_FILE).exists():
             raise ArtifactError(f"{directory} is not an edgepeft detector (no {DETECTOR_FILE}); run `edgepeft adapt`")
         state = read_json(directory / DETECTOR_FILE)
+        det = cls.from_state(state, directory / DETECTOR_FILE)
+        base_model = load_base(det.base)
+        if state_sha256(base_model) != det.base_sha256_:
+            raise ArtifactError(
+                f"detector in {directory} was trained on a different version of base {det.base!r} "
+                "(weights hash differs); re-adapt it on this base"
+            )
+        base_model.set_n_channels(det.n_channels_)
+        method = get_method(det.peft_config_.method)
+        model = method.attach(base_model, det.peft_config_)
+        method.load(model, directory / ADAPTER_DIR)
+        model.eval()
+        det.model_, det.method_ = model, method
+        return det
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], source: str | Path = DETECTOR_FILE) -> AnomalyDetector:
+        """A detector with every fitted number of a saved ``detector.json`` dict, but no model yet.
+
+        :meth:`load` adds the model on a freshly loaded base; the device runtime adds one on its resident base.
+        Files saved before a setting existed read with the behaviour they were fitted with.
+        """
         try:
-            det = cls(**state["params"])
-            base_model = load_base(state["base"])
-            if state_sha256(base_model) != state["base_sha256"]:
-                raise ArtifactError(
-                    f"detector in {directory} was trained on a different version of base {state['base']!r} "
-                    "(weights hash differs); re-adapt it on this base"
-                )
+            params = dict(state["params"])
+            params.setdefault("channel_agg", "mean")  # saved before max became the default
+            params.setdefault("slow_channel_share", None)
+            det = cls(**params)
+            det.base = state["base"]
             det.channels_ = list(state["channels"])
             det.n_channels_ = len(det.channels_)
             det.base_sha256_ = state["base_sha256"]
@@ -375,18 +417,19 @@ class AnomalyDetector:
             det.peft_config_ = PeftConfig(**state["peft_config"])
             det.scaler_ = ChannelScaler.from_dict(state["scaler"])
             det.channel_error_ = np.asarray(state["channel_error"], dtype=np.float64)
+            weights = state.get("evidence_weights")
+            det.evidence_weights_ = (evidence_weights(det.n_channels_, det.blind_weight) if weights is None
+                                     else np.asarray(weights, dtype=np.float64))
+            if det.evidence_weights_.shape != (det.n_channels_, 2):
+                raise ValueError(f"evidence_weights has shape {det.evidence_weights_.shape}, expected "
+                                 f"({det.n_channels_}, 2)")
             det.threshold_model_ = threshold_from_dict(state["threshold"])
             det.threshold_ = float(det.threshold_model_.threshold_)
             det.calibrator_ = ScoreCalibrator.from_dict(state["calibrator"])
             det.report_ = dict(state["report"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"{directory / DETECTOR_FILE} is malformed ({exc})") from exc
-        base_model.set_n_channels(det.n_channels_)
-        method = get_method(det.peft_config_.method)
-        model = method.attach(base_model, det.peft_config_)
-        method.load(model, directory / ADAPTER_DIR)
-        model.eval()
-        det.model_, det.method_ = model, method
+            det._check_params()
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
+            raise ArtifactError(f"{source} is malformed ({exc})") from exc
         return det
 
     # ------------------------------------------------------------------ sklearn conventions
@@ -405,6 +448,8 @@ class AnomalyDetector:
             "calib_fraction": self.calib_fraction,
             "seed": self.seed,
             "peft_options": copy.deepcopy(self.peft_options),
+            "channel_agg": self.channel_agg,
+            "slow_channel_share": self.slow_channel_share,
         }
 
     def info(self, directory: str | Path | None = None) -> dict[str, Any]:

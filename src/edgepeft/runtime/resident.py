@@ -38,9 +38,7 @@ from torch import nn
 
 from edgepeft.core.config import read_json
 from edgepeft.core.errors import ArtifactError, ModelError
-from edgepeft.data.scaler import ChannelScaler
 from edgepeft.detect.detector import ADAPTER_DIR, DETECTOR_FILE, AnomalyDetector
-from edgepeft.detect.threshold import ScoreCalibrator, threshold_from_dict
 from edgepeft.models.registry import load_base, state_sha256
 from edgepeft.peft import PeftConfig, PeftMethod, get_method
 
@@ -133,24 +131,7 @@ def read_detector(directory: str | Path) -> AnomalyDetector:
     directory = Path(directory)
     if not (directory / DETECTOR_FILE).exists():
         raise ArtifactError(f"{directory} is not an edgepeft detector (no {DETECTOR_FILE}); reinstall the bundle")
-    state = read_json(directory / DETECTOR_FILE)
-    try:
-        det = AnomalyDetector(**state["params"])
-        det.base = state["base"]
-        det.channels_ = list(state["channels"])
-        det.n_channels_ = len(det.channels_)
-        det.base_sha256_ = state["base_sha256"]
-        det.base_parameters_ = int(state["base_parameters"])
-        det.peft_config_ = PeftConfig(**state["peft_config"])
-        det.scaler_ = ChannelScaler.from_dict(state["scaler"])
-        det.channel_error_ = np.asarray(state["channel_error"], dtype=np.float64)
-        det.threshold_model_ = threshold_from_dict(state["threshold"])
-        det.threshold_ = float(det.threshold_model_.threshold_)
-        det.calibrator_ = ScoreCalibrator.from_dict(state["calibrator"])
-        det.report_ = dict(state["report"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"{directory / DETECTOR_FILE} is malformed ({exc})") from exc
-    return det
+    return AnomalyDetector.from_state(read_json(directory / DETECTOR_FILE), directory / DETECTOR_FILE)
 
 
 def check_compatible(det: AnomalyDetector, resident: ResidentBase, directory: Path) -> None:

@@ -144,3 +144,57 @@ def test_every_block_can_be_adapted() -> None:
     det = AnomalyDetector(base="tiny", method="lora", rank=4, steps=20, peft_options={"adapt_last": None}).fit(train)
     assert not det.method_.encoder(det.model_).cacheable
     assert det.report_["trainable_share"] > AnomalyDetector(base="tiny", steps=1).fit(train).report_["trainable_share"]
+
+
+def _drifting_asset(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Three coupled sines plus a temperature-like channel that wanders slowly and, in the test part, keeps
+    drifting past its training range (as a pump body warms up after a fault) while the sines stay normal."""
+    rng = np.random.default_rng(seed)
+    sines = sine_series(1600, 3, seed=seed)
+    warm = np.cumsum(rng.normal(0.0, 0.05, size=1600))
+    warm[1000:] += np.linspace(0.0, 6.0 * warm[:1000].std(), 600)
+    series = np.c_[sines, warm].astype(np.float32)
+    return series[:1000], series[1000:]
+
+
+def test_a_slow_channel_drifting_past_its_training_range_raises_fewer_false_alarms() -> None:
+    """The slow-channel rule is what keeps a drifting temperature from alarming through its blind error."""
+    train, test = _drifting_asset()
+    with_rule = AnomalyDetector(base="tiny", method="lora", rank=4, steps=60, seed=0).fit(train)
+    without = AnomalyDetector(base="tiny", method="lora", rank=4, steps=60, seed=0, slow_channel_share=None).fit(train)
+    assert with_rule.evidence_weights_[3, 1] == 0.0, "the wandering channel is found slow"
+    assert (with_rule.evidence_weights_[:3, 1] > 0).all(), "the sines (cycles shorter than the window) are not"
+    far_with, far_without = with_rule.predict(test).mean(), without.predict(test).mean()
+    assert far_with < far_without, (far_with, far_without)
+    assert far_with < 0.2
+
+
+def test_detectors_saved_before_the_new_scoring_keep_their_scoring(fitted: AnomalyDetector, tmp_path) -> None:
+    """A detector.json without channel_agg / evidence_weights reads as what it was fitted with: mean, full blind."""
+    import json
+
+    from edgepeft.detect.scoring import combine_errors
+
+    path = fitted.save(tmp_path / "old")
+    state = json.loads((path / "detector.json").read_text())
+    del state["evidence_weights"], state["params"]["channel_agg"], state["params"]["slow_channel_share"]
+    (path / "detector.json").write_text(json.dumps(state))
+    old = AnomalyDetector.load(path)
+    assert old.channel_agg == "mean" and old.slow_channel_share is None
+    np.testing.assert_array_equal(old.evidence_weights_, [[0.5, 0.5]] * 3)
+    _, test, _ = _with_fault()
+    errors = fitted._row_errors(fitted._prepare(test))
+    expected = combine_errors(errors, fitted.channel_error_, np.array([[0.5, 0.5]] * 3), fitted.smoothing, "mean")
+    np.testing.assert_allclose(old.score(test), expected, rtol=1e-6)
+
+
+def test_channel_aggregation_is_validated_and_saved(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="channel_agg"):
+        AnomalyDetector(base="tiny", channel_agg="median").fit(sine_series(400, 2))
+    with pytest.raises(ConfigError, match="slow_channel_share"):
+        AnomalyDetector(base="tiny", slow_channel_share=1.5).fit(sine_series(400, 2))
+    det = AnomalyDetector(base="tiny", method="lora", rank=4, steps=5, channel_agg="mean").fit(sine_series(400, 2))
+    loaded = AnomalyDetector.load(det.save(tmp_path / "d"))
+    assert loaded.channel_agg == "mean"
+    X = sine_series(300, 2, seed=1)
+    np.testing.assert_array_equal(loaded.score(X), det.score(X))
