@@ -54,13 +54,20 @@ def run_deploy_bench(out: Path, *, quick: bool = False, base: str = "small") -> 
         {"target": "bundle <= 0.5 % of the base (int8)", "measured": f"{100 * bundle['int8_share_of_base']:.2f} %",
          "status": "met" if bundle["int8_share_of_base"] <= 0.005 else "missed"},
         {"target": "verify + install + activate p99 <= 5 ms (<= 100 KB bundle)",
-         "measured": f"{install.get('install_activate_p99_ms', float('nan')):.1f} ms p99 (activating an installed "
-                     f"version: {install.get('activate_cached_p99_ms', float('nan')):.1f} ms p99)",
+         "measured": f"{install.get('install_activate_p99_ms', float('nan')):.1f} ms p99 with installs "
+                     f"{install.get('gap_ms', float('nan')):.0f} ms apart; back to back "
+                     f"{install.get('install_activate_burst_p99_ms', float('nan')):.1f} ms p99; activating an "
+                     f"installed version {install.get('activate_cached_p99_ms', float('nan')):.1f} ms p99",
          "status": "not evaluated" if "install_activate_p99_ms" not in install
          else ("met" if install["install_activate_p99_ms"] <= 5.0 else "missed")},
-        {"target": "load test: zero errors and zero mismatches", "measured": f"errors {load.get('errors')}, "
-         f"mismatches {load.get('mismatches')}, {load.get('achieved_rate', load.get('rate'))} req/s",
-         "status": "met" if load and not load.get("errors") and not load.get("mismatches") else "missed"},
+        {"target": "load test: >= 200 requests/s for >= 60 s with >= 500 swaps, zero errors and mismatches",
+         "measured": f"errors {load.get('errors')}, mismatches {load.get('mismatches')}, stale {load.get('stale')}; "
+                     f"{load.get('achieved_rate')} req/s achieved of {load.get('target_rate')} sent for "
+                     f"{load.get('duration_s')} s, {load.get('swaps')} swaps",
+         "status": "not evaluated" if not load else (
+             "met" if not load.get("errors") and not load.get("mismatches") and not load.get("stale")
+             and load.get("achieved_rate", 0) >= 200 and load.get("duration_s", 0) >= 60 and load.get("swaps", 0) >= 500
+             else "missed")},
     ]
     path = write_results(out, results)
     (path.parent / "results.md").write_text(render(results))

@@ -1,7 +1,7 @@
 """Device-runtime benchmarks, as plain functions returning dicts of numbers (the bench harness calls them).
 
-- :func:`install_activate_times`: verify + unpack + load + commit a signed bundle, and activation alone (cached
-  and cold from disk), p50/p99;
+- :func:`install_activate_times`: verify + unpack + load + commit a signed bundle (installs spaced as on a device,
+  and back to back), and activation alone (cached and cold from disk), p50/p99;
 - :func:`load_test`: hot swap under load over HTTP (:func:`edgepeft.runtime.loadtest.run_load_test`), with
   request and swap latency;
 - :func:`scoring_throughput`: rows/s and request latency, torch vs ONNX Runtime (fp32 and int8), and the score
@@ -56,11 +56,15 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def install_activate_times(n_bundles: int = 30, n_swaps: int = 200) -> dict[str, Any]:
+def install_activate_times(
+    n_bundles: int = 100, n_swaps: int = 200, gap_s: float = 0.1, n_burst: int = 30
+) -> dict[str, Any]:
     """Install+activate of signed bundles (in-process, the HTTP layer adds about a millisecond), then activation.
 
-    Returns p50/p99 of: install+activate (verify signature, unpack, load on the resident base, smoke-test,
-    fsync'd state commit); activate of a loaded version; activate of a version evicted from memory (cold).
+    Returns p50/p99 of: install+activate (verify signature, unpack with fsyncs, load on the resident base,
+    smoke-test, fsync'd state commit) with installs ``gap_s`` apart, as updates arrive on a device (each finds
+    the spare skeleton its predecessor's refill built); the same back to back (``burst``: the refill of one
+    install competes with the next); activate of a loaded version; activate of a version evicted from memory.
     """
     from edgepeft.delta import generate_key, pack_bundle, save_keypair
     from edgepeft.runtime.service import DeviceRuntime, RuntimeConfig
@@ -70,15 +74,19 @@ def install_activate_times(n_bundles: int = 30, n_swaps: int = 200) -> dict[str,
         directory = train_versions(root / "adapters", 1, steps=5)[0]
         key = generate_key()
         public = save_keypair(key, root / "key")
+        total = 1 + n_bundles + n_burst
         bundles = [pack_bundle(directory, key, asset_id="pump-1", version=f"{i}", release=i)
-                   for i in range(1, n_bundles + 1)]
+                   for i in range(1, total + 1)]
         with DeviceRuntime.open(RuntimeConfig(state_dir=root / "state", trusted_keys=[public])) as runtime:
             runtime.install_bundle(bundles[0])  # imports and first-load costs are not what this measures
-            install = []
-            for data in bundles[1:]:
+            install, burst = [], []
+            for number, data in enumerate(bundles[1:], start=1):
+                if number <= n_bundles:
+                    time.sleep(gap_s)
                 started = time.perf_counter()
                 runtime.install_bundle(data)
-                install.append(time.perf_counter() - started)
+                (install if number <= n_bundles else burst).append(time.perf_counter() - started)
+            pool = getattr(runtime.engine, "pool", None)
             cached = []
             for number in range(n_swaps):
                 started = time.perf_counter()
@@ -87,11 +95,16 @@ def install_activate_times(n_bundles: int = 30, n_swaps: int = 200) -> dict[str,
             cold = []
             for number in range(min(n_swaps, 50)):
                 runtime.cache.discard(("pump-1", str(3 + number % 2)))
+                time.sleep(gap_s / 10)
                 started = time.perf_counter()
                 runtime.activate("pump-1", str(3 + number % 2))
                 cold.append(time.perf_counter() - started)
         bundle_bytes = len(bundles[0])
-    return {"bundles": len(install), "bundle_bytes": bundle_bytes, **_percentiles(install, "install_activate"),
+    return {"bundles": len(install), "burst_bundles": len(burst), "gap_ms": gap_s * 1000,
+            "bundle_bytes": bundle_bytes,
+            "skeleton_pool_hits": pool.hits if pool is not None else 0,
+            "skeleton_pool_misses": pool.misses if pool is not None else 0,
+            **_percentiles(install, "install_activate"), **_percentiles(burst, "install_activate_burst"),
             **_percentiles(cached, "activate_cached"), **_percentiles(cold, "activate_cold")}
 
 

@@ -99,3 +99,14 @@ def test_token_from_file_env_or_generated(tmp_path: Path, monkeypatch: pytest.Mo
     (tmp_path / "short").write_text("abc")
     with pytest.raises(ConfigError, match="at least 16"):
         resolve_token(tmp_path / "short", tmp_path / "state")
+
+
+def test_install_benchmark_reports_both_install_patterns() -> None:
+    """The deploy benchmark's install timing runs end to end; spaced installs take the pooled skeletons."""
+    from edgepeft.runtime.bench import install_activate_times
+
+    numbers = install_activate_times(n_bundles=4, n_swaps=4, gap_s=0.2, n_burst=2)
+    assert numbers["bundles"] == 4 and numbers["burst_bundles"] == 2
+    for key in ("install_activate", "install_activate_burst", "activate_cached", "activate_cold"):
+        assert 0 < numbers[f"{key}_p50_ms"] <= numbers[f"{key}_p99_ms"], key
+    assert numbers["skeleton_pool_hits"] >= 4, numbers
