@@ -100,12 +100,37 @@ def install_activate_times(
                 runtime.activate("pump-1", str(3 + number % 2))
                 cold.append(time.perf_counter() - started)
         bundle_bytes = len(bundles[0])
+        floor = _durable_write_times(root / "floor", bundle_bytes, n=n_bundles)
     return {"bundles": len(install), "burst_bundles": len(burst), "gap_ms": gap_s * 1000,
+            **_percentiles(floor, "durable_write_floor"),
             "bundle_bytes": bundle_bytes,
             "skeleton_pool_hits": pool.hits if pool is not None else 0,
             "skeleton_pool_misses": pool.misses if pool is not None else 0,
             **_percentiles(install, "install_activate"), **_percentiles(burst, "install_activate_burst"),
             **_percentiles(cached, "activate_cached"), **_percentiles(cold, "activate_cold")}
+
+
+def _durable_write_times(folder: Path, nbytes: int, n: int) -> list[float]:
+    """Seconds to write one ``nbytes`` file durably (write, fsync, fsync its folder): the disk's own floor under any
+    install that must survive a power cut, measured beside the installs (virtual disks vary a lot)."""
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    blob = os.urandom(nbytes)
+    times = []
+    for number in range(n):
+        started = time.perf_counter()
+        with open(folder / f"{number}.bin", "wb") as handle:
+            handle.write(blob)
+            handle.flush()
+            os.fsync(handle.fileno())
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        times.append(time.perf_counter() - started)
+    return times
 
 
 def load_test(duration_s: float = 60.0, rate: float = 200.0, swaps: int = 500, engine: str = "torch") -> dict[str, Any]:

@@ -107,6 +107,7 @@ def test_install_benchmark_reports_both_install_patterns() -> None:
 
     numbers = install_activate_times(n_bundles=4, n_swaps=4, gap_s=0.2, n_burst=2)
     assert numbers["bundles"] == 4 and numbers["burst_bundles"] == 2
-    for key in ("install_activate", "install_activate_burst", "activate_cached", "activate_cold"):
+    for key in ("install_activate", "install_activate_burst", "activate_cached", "activate_cold",
+                "durable_write_floor"):
         assert 0 < numbers[f"{key}_p50_ms"] <= numbers[f"{key}_p99_ms"], key
     assert numbers["skeleton_pool_hits"] >= 4, numbers
