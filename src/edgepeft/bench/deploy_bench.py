@@ -66,7 +66,7 @@ def run_deploy_bench(out: Path, *, quick: bool = False, base: str = "small") -> 
          "measured": f"errors {load.get('errors')}, mismatches {load.get('mismatches')}, stale {load.get('stale')}; "
                      f"{load.get('achieved_rate')} req/s achieved of {load.get('target_rate')} sent for "
                      f"{load.get('duration_s')} s, {load.get('swaps')} swaps",
-         "status": "not evaluated" if not load else (
+         "status": "not evaluated" if not load or quick else (
              "met" if not load.get("errors") and not load.get("mismatches") and not load.get("stale")
              and load.get("achieved_rate", 0) >= 200 and load.get("duration_s", 0) >= 60 and load.get("swaps", 0) >= 500
              else "missed")},

@@ -115,6 +115,10 @@ class AnomalyDetector:
             raise ConfigError(f"unknown base {self.base!r}; choose one of {', '.join(list_bases())}")
         if self.method not in list_methods():
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(list_methods())}")
+        self._check_scoring_params()
+
+    def _check_scoring_params(self) -> None:
+        """The settings that scoring uses (also checked when a saved detector is read, e.g. on a device)."""
         if not 0.0 < self.target_far < 0.5:
             raise ConfigError(f"target_far must be in (0, 0.5), got {self.target_far}")
         if self.smoothing < 1:
@@ -427,7 +431,7 @@ class AnomalyDetector:
             det.threshold_ = float(det.threshold_model_.threshold_)
             det.calibrator_ = ScoreCalibrator.from_dict(state["calibrator"])
             det.report_ = dict(state["report"])
-            det._check_params()
+            det._check_scoring_params()
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise ArtifactError(f"{source} is malformed ({exc})") from exc
         return det

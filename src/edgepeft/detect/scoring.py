@@ -59,9 +59,10 @@ def evidence_weights(
     """(C, 2) weights of each channel's [forecast, blind] error.
 
     A ``slow`` channel (a state variable such as a temperature, see :func:`slow_share`) keeps its forecast
-    term but loses its blind one: the other sensors' readings do not pin down where such a channel's level
-    has wandered, so outside the short training range its virtual-sensor error measures drift, not a fault.
-    In our SKAB study this one drifting-temperature effect caused most false alarms after each fault.
+    term at its usual weight and loses its blind one (the blind share is dropped, not moved to the forecast):
+    the other sensors' readings do not pin down where such a channel's level has wandered, so outside the
+    short training range its virtual-sensor error measures drift, not a fault. In our SKAB study this one
+    drifting-temperature effect caused most false alarms after each fault.
 
     >>> evidence_weights(2, 0.5, np.array([False, True])).tolist()
     [[0.5, 0.5], [0.5, 0.0]]
@@ -74,6 +75,10 @@ def evidence_weights(
 
 def channel_evidence(errors: np.ndarray, channel_error: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """(T, C) per-channel evidence: forecast and blind errors, each divided by its typical normal value, weighted."""
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != errors.shape[1:]:
+        raise ValueError(f"weights must have shape {errors.shape[1:]} (channels, [forecast, blind]), got "
+                         f"{weights.shape}; build them with evidence_weights()")
     return ((errors / channel_error) * weights).sum(axis=-1)
 
 
@@ -83,9 +88,11 @@ def combine_errors(
     """(T, C, 2) squared errors -> (T,) scores: ``log1p`` of the channels' evidence, combined, then a trailing mean.
 
     ``max`` (the default): a fault usually shows in a few sensors, and averaging them with the many that stay
-    normal dilutes it (on ASD, mean best-F1 rose from 0.41 to 0.44 against the mean in our study). ``mean``
+    normal dilutes it (in our ASD study, mean best-F1 was 0.44 with the max and 0.41 with the mean). ``mean``
     adds up weak evidence of many sensors; it was our first default and old saved detectors keep it.
     """
+    if agg not in CHANNEL_AGGS:
+        raise ValueError(f"agg must be one of {', '.join(CHANNEL_AGGS)}, got {agg!r}")
     evidence = np.log1p(channel_evidence(errors, channel_error, weights))
     raw = evidence.max(axis=1) if agg == "max" else evidence.mean(axis=1)
     return trailing_mean(raw, smoothing)

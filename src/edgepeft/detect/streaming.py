@@ -2,8 +2,8 @@
 
 The same kind of score as :class:`~edgepeft.detect.detector.AnomalyDetector` (causal forecast + blind predictions
 per patch, per-channel normalised errors, trailing smoothing, calibrated threshold), computed one row at a time;
-its channels combine as a plain mean of the normalised errors (the batch detector's newer ``log1p``/max
-combination and slow-channel rule are not carried over yet):
+its channels combine as a plain mean of the normalised errors (the batch detector's ``log1p``/max combination
+and slow-channel rule are not carried over yet):
 - ``score_one(x)`` scores the next reading without changing anything; ``learn_one(x)`` consumes it: it joins
   the rolling buffer and, every ``update_every`` rows, the adapter takes one optimizer step on windows drawn
   from rows judged normal. ``learn_many`` / ``score_many`` / ``process_many`` do the same for chunks.

@@ -318,6 +318,9 @@ class OnnxEngine:
     def idle(self) -> None:
         """Nothing to prepare: sessions are built once per graph and reused."""
 
+    def close(self) -> None:
+        """Nothing runs in the background."""
+
     def graph_path(self, modules: tuple[str, ...]) -> Path:
         key = hashlib.sha256((self.resident.sha256 + "|" + ",".join(modules)).encode()).hexdigest()[:16]
         return self.workdir / f"{self.resident.name}-lora-{key}{'.int8' if self.int8 else ''}.onnx"

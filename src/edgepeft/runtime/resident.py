@@ -191,33 +191,37 @@ def skeleton_key(config: PeftConfig, n_channels: int) -> str:
 class SkeletonPool:
     """Spare model skeletons built off the request path, so installing or re-loading a version only loads weights.
 
-    After a version of some config is loaded, :meth:`refill` builds one spare of that config in a background thread;
-    the next install of the same kind (the usual case: a new version of the same asset) takes it instead of
-    building one.
-    Only methods that share the base's tensors are pooled: a spare of full fine-tuning would be a whole base copy.
-    Building runs the same code as the synchronous path, so a pooled model equals an unpooled one.
+    After a version of some config has loaded, :meth:`refill` builds one spare of that config in a background
+    thread; the next install of the same kind (the usual case: a new version of the same asset) takes it instead
+    of building one. Bounded: spares are kept for the ``max_configs`` most recently loaded configs only (about a
+    resident adapter's size each). Only methods that share the base's tensors are pooled: a spare of full
+    fine-tuning would be a whole base copy. Building runs the same code as the synchronous path, so a pooled model
+    equals an unpooled one.
 
     Example:
         >>> pool = SkeletonPool(ResidentBase.load("tiny"))           # doctest: +SKIP
         >>> model = pool.take(det.peft_config_, det.n_channels_)     # None: nothing built yet  # doctest: +SKIP
+        >>> pool.want(det.peft_config_, det.n_channels_)              # it loaded: keep a spare of it  # doctest: +SKIP
         >>> threads = pool.refill()                                   # builds one in the background  # doctest: +SKIP
     """
 
-    def __init__(self, resident: ResidentBase) -> None:
+    def __init__(self, resident: ResidentBase, max_configs: int = 4) -> None:
         self.resident = resident
+        self.max_configs = max_configs
         self._spares: dict[str, nn.Module] = {}
-        self._wanted: dict[str, tuple[PeftConfig, int]] = {}
+        self._wanted: dict[str, tuple[PeftConfig, int]] = {}  # insertion order = least recently loaded first
         self._building: set[str] = set()
+        self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.failures = 0
+        self.last_error = ""
 
     def take(self, config: PeftConfig, n_channels: int) -> nn.Module | None:
-        """A ready spare for this config (removed from the pool), or None; :meth:`refill` replaces it later."""
+        """A ready spare for this config (removed from the pool), or None."""
         key = skeleton_key(config, n_channels)
         with self._lock:
-            if not get_method(config.method).trains_base:
-                self._wanted[key] = (config, n_channels)
             spare = self._spares.pop(key, None)
             if spare is None:
                 self.misses += 1
@@ -225,16 +229,31 @@ class SkeletonPool:
                 self.hits += 1
         return spare
 
-    def refill(self) -> list[threading.Thread]:
-        """Start building a spare for every config taken so far that has none ready or on its way.
+    def want(self, config: PeftConfig, n_channels: int) -> None:
+        """Keep a spare of this config from now on: called once a version of it has loaded, never for one that
+        failed (a rejected bundle must not leave a spare behind)."""
+        if get_method(config.method).trains_base:
+            return
+        key = skeleton_key(config, n_channels)
+        with self._lock:
+            self._wanted.pop(key, None)
+            self._wanted[key] = (config, n_channels)
+            while len(self._wanted) > self.max_configs:
+                oldest = next(iter(self._wanted))
+                del self._wanted[oldest]
+                self._spares.pop(oldest, None)
 
-        Called after a write has been answered, not inside it: a builder thread competes for the interpreter
-        lock, so starting it mid-install would slow the very install it is meant to speed up.
+    def refill(self) -> list[threading.Thread]:
+        """Start building a spare for every wanted config that has none ready or on its way.
+
+        The runtime calls it once a write is done (committed), not inside the write: a builder thread competes for
+        the interpreter lock, so starting it mid-install would slow the very install it is meant to speed up.
         """
         with self._lock:
             todo = [(key, cfg) for key, cfg in self._wanted.items()
                     if key not in self._spares and key not in self._building]
             self._building.update(key for key, _ in todo)
+            self._threads = [thread for thread in self._threads if thread.is_alive()]
         threads = []
         for key, (config, n_channels) in todo:
             # Not a daemon: a build takes milliseconds, and torch aborts the process if interpreter shutdown
@@ -242,15 +261,36 @@ class SkeletonPool:
             thread = threading.Thread(target=self._build, args=(key, config, n_channels), name="edgepeft-skeleton")
             thread.start()
             threads.append(thread)
+        with self._lock:
+            self._threads.extend(threads)
         return threads
+
+    def close(self) -> None:
+        """Wait for builds in flight (they use torch's global random generator for the init that ``load``
+        overwrites; joining keeps them from overlapping whatever the process does next) and drop the spares."""
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join()
+        with self._lock:
+            self._spares.clear()
+            self._threads.clear()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"spares": len(self._spares), "hits": self.hits, "misses": self.misses,
+                    "failures": self.failures, "last_error": self.last_error}
 
     def _build(self, key: str, config: PeftConfig, n_channels: int) -> None:
         try:
             model = torch_skeleton(self.resident, config, n_channels)
             with self._lock:
-                self._spares[key] = model
-        except Exception:  # noqa: BLE001 - a failed spare only means the next load builds its own
-            pass
+                if key in self._wanted:  # not evicted from the wanted set meanwhile
+                    self._spares[key] = model
+        except Exception as exc:  # noqa: BLE001 - a failed spare only means the next load builds its own; counted
+            with self._lock:
+                self.failures += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
         finally:
             with self._lock:
                 self._building.discard(key)
@@ -351,6 +391,8 @@ def load_torch_version(
     check_compatible(det, resident, directory)
     skeleton = pool.take(det.peft_config_, det.n_channels_) if pool is not None else None
     model = build_torch_model(resident, det, directory / ADAPTER_DIR, skeleton)
+    if pool is not None:
+        pool.want(det.peft_config_, det.n_channels_)
     det.model_ = FrozenModel(model)
     det.method_ = get_method(det.peft_config_.method)
     return ServingModel(

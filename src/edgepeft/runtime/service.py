@@ -26,6 +26,7 @@ import dataclasses
 import datetime as dt
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -94,6 +95,8 @@ class RuntimeConfig:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
 
 
+logger = logging.getLogger("edgepeft.runtime")
+
 class Engine(Protocol):
     """Turns an installed detector directory into a ServingModel."""
 
@@ -102,7 +105,11 @@ class Engine(Protocol):
     def load(self, directory: Path, *, asset_id: str, version: str, release: int) -> ServingModel: ...
 
     def idle(self) -> None:
-        """Work that is best done off the request path (called after each write is answered)."""
+        """Work that is best done off the request path (called once each write is done)."""
+        ...
+
+    def close(self) -> None:
+        """Finish background work; called when the runtime closes."""
         ...
 
 
@@ -123,6 +130,9 @@ class TorchEngine:
     def idle(self) -> None:
         self.pool.refill()
 
+    def close(self) -> None:
+        self.pool.close()
+
 
 def _then_idle(method: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
     """Run the engine's background preparation once a write is done, so it never delays the write itself."""
@@ -132,7 +142,7 @@ def _then_idle(method: Callable[..., dict[str, Any]]) -> Callable[..., dict[str,
         try:
             return method(self, *args, **kwargs)
         finally:
-            self.engine.idle()
+            self._idle()
 
     return wrapper
 
@@ -197,8 +207,18 @@ class DeviceRuntime:
         return runtime
 
     def close(self) -> None:
-        """Release the state directory (another runtime may open it afterwards)."""
-        self.store.release()
+        """Finish the engine's background work and release the state directory (another runtime may open it)."""
+        try:
+            self.engine.close()
+        finally:
+            self.store.release()
+
+    def _idle(self) -> None:
+        # Background preparation is an optimisation: its failure must never turn a committed write into an error.
+        try:
+            self.engine.idle()
+        except Exception as exc:  # noqa: BLE001 - logged, and the write's own result stands
+            logger.warning("background preparation failed: %s", exc)
 
     def __enter__(self) -> DeviceRuntime:
         return self
@@ -239,11 +259,18 @@ class DeviceRuntime:
                                     f"{', '.join(record.versions) or 'none'}")
         asset_id, release = record.asset_id, record.versions[version].release
 
+        loaded = False
+
         def load() -> ServingModel:
+            nonlocal loaded
+            loaded = True
             return self.engine.load(self.store.version_dir(asset_id, version), asset_id=asset_id,
                                     version=version, release=release)
 
-        return self.cache.get((asset_id, version), load)
+        served = self.cache.get((asset_id, version), load)
+        if loaded:
+            self._idle()  # a reload from disk took a spare skeleton: replace it (rare: only after an eviction)
+        return served
 
     def score(self, asset_id: str, rows: Any) -> tuple[ServingModel, dict[str, np.ndarray]]:
         """Score ``rows`` (rows x channels, array or DataFrame) with the asset's active version.
@@ -292,6 +319,7 @@ class DeviceRuntime:
             "engine": self.engine.name,
             "assets": len(self._state.assets),
             "cache": stats,
+            **({"skeleton_pool": self.engine.pool.stats()} if isinstance(self.engine, TorchEngine) else {}),
             "uptime_seconds": time.time() - self.started_at,
         }
         if check_base:
@@ -488,9 +516,9 @@ class DeviceRuntime:
         if det.base != self.resident.name:
             raise ModelError(f"adapter is for base {det.base!r}; this device serves {self.resident.name!r}")
         served = self.engine.load(directory, asset_id=asset_id, version=version, release=release)
-        # One patch runs every path a request runs (forecast and blind passes, every adapter weight) at a
-        # fraction of a larger batch's cost; it is on the install's critical path.
-        rows = np.zeros((self.resident.patch_len, served.n_channels), dtype=np.float32)
+        # Two patches: the second is predicted from a visible first one, so every path a request runs (input
+        # normalisation and embedding, forecast and blind passes, every adapter weight) runs once.
+        rows = np.zeros((2 * self.resident.patch_len, served.n_channels), dtype=np.float32)
         result = served.score_all(rows)
         if not np.isfinite(result["score"]).all():
             raise ModelError(f"adapter {asset_id} {version} produces non-finite scores; it was not installed")

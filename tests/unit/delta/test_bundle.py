@@ -75,6 +75,22 @@ def test_fp32_round_trip_recreates_the_files_and_scores_bitwise(
     assert np.array_equal(AnomalyDetector.load(out).score(X), AnomalyDetector.load(detector_dir).score(X))
 
 
+def test_per_channel_scoring_weights_travel_in_the_bundle(key: Ed25519PrivateKey, tmp_path: Path) -> None:
+    """A detector with a slow channel (its blind weight 0) scores the same after pack -> verify -> unpack."""
+    from tests.unit.detect.test_detector import _drifting_asset
+
+    train, test = _drifting_asset()
+    det = AnomalyDetector(base="tiny", method="lora", rank=4, steps=5, seed=0).fit(train)
+    assert det.evidence_weights_[3, 1] == 0.0 and det.evidence_weights_[0, 1] > 0, det.evidence_weights_
+    data = pack_bundle(det.save(tmp_path / "det"), key, asset_id="pump-9", version="1", release=1)
+    bundle = verify_bundle(data, [key.public_key()], resident_base_sha256=load_card("tiny")["state_sha256"],
+                           installed_release=0)
+    loaded = AnomalyDetector.load(unpack_bundle(bundle, tmp_path / "device"))
+    np.testing.assert_array_equal(loaded.evidence_weights_, det.evidence_weights_)
+    assert loaded.channel_agg == det.channel_agg == "max"
+    np.testing.assert_array_equal(loaded.score(test), det.score(test))
+
+
 def test_zstd_is_lossless(detector_dir: Path, key: Ed25519PrivateKey, tmp_path: Path) -> None:
     data = pack_bundle(detector_dir, key, asset_id="pump-7", version="2", release=1, zstd=True)
     bundle = verify_bundle(data, [key.public_key()])

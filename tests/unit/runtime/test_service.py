@@ -16,7 +16,7 @@ from edgepeft.detect.detector import AnomalyDetector
 from edgepeft.models.registry import state_sha256
 from edgepeft.peft import get_method
 from edgepeft.runtime.loadtest import payloads
-from edgepeft.runtime.resident import ResidentBase
+from edgepeft.runtime.resident import ResidentBase, SkeletonPool
 from edgepeft.runtime.service import DeviceRuntime, RuntimeConfig
 from edgepeft.runtime.state import ConflictError, UnknownAssetError
 from tests.unit.runtime.conftest import ASSET, bundle
@@ -168,6 +168,12 @@ def _tree(root: Path) -> dict[str, bytes]:
             if p.is_file() and p.name != "lock"}
 
 
+def _wait_for_spare(pool: SkeletonPool) -> None:
+    deadline = time.monotonic() + 30
+    while len(pool) == 0 and time.monotonic() < deadline:  # the refill the install itself started
+        time.sleep(0.02)
+
+
 def test_pooled_skeletons_score_exactly_like_freshly_built_models(
     tmp_path: Path, resident: ResidentBase, versions: list[Path]
 ) -> None:
@@ -176,15 +182,51 @@ def test_pooled_skeletons_score_exactly_like_freshly_built_models(
         pool = runtime.engine.pool
         for release, directory in enumerate(versions, start=1):
             runtime.install_directory(directory, asset_id=ASSET, version=str(release), release=release)
-            for thread in pool.refill():  # the refill install_directory started may still be running
-                thread.join()
-            deadline = time.monotonic() + 30
-            while len(pool) == 0 and time.monotonic() < deadline:  # the refill the install itself started
-                time.sleep(0.05)
+            _wait_for_spare(pool)
             served, result = runtime.score(ASSET, ROWS)
             offline = AnomalyDetector.load(directory).score_all(ROWS)["score"]
             np.testing.assert_array_equal(result["score"], offline)
         assert pool.hits == len(versions) - 1 and pool.misses == 1, (pool.hits, pool.misses)
+        assert runtime.health()["skeleton_pool"]["failures"] == 0
+
+
+def test_every_method_scores_the_same_from_a_pooled_skeleton(
+    tmp_path: Path, resident: ResidentBase, every_method: dict[str, Path]
+) -> None:
+    """The second version of each method loads into a spare (methods sharing the base) or is built fresh
+    (full, scratch: never pooled); it scores bit-identically to the first, freshly built one."""
+    with _open(tmp_path / "state", resident) as runtime:
+        pool = runtime.engine.pool
+        for method, directory in every_method.items():
+            asset = f"a-{method}"
+            scores = []
+            for version in ("1", "2"):
+                hits = pool.hits
+                runtime.install_directory(directory, asset_id=asset, version=version, release=int(version))
+                pooled = pool.hits > hits
+                assert pooled == (version == "2" and not get_method(method).trains_base), (method, version)
+                scores.append(runtime.score(asset, ROWS)[1]["score"])
+                if not get_method(method).trains_base:
+                    _wait_for_spare(pool)
+            np.testing.assert_array_equal(scores[1], scores[0], err_msg=method)
+            offline = AnomalyDetector.load(directory).score_all(ROWS)["score"]
+            np.testing.assert_allclose(scores[1], offline, rtol=1e-5, err_msg=method)
+        assert pool.stats()["failures"] == 0
+
+
+def test_a_rejected_adapter_leaves_no_spare_behind(
+    tmp_path: Path, resident: ResidentBase, versions: list[Path]
+) -> None:
+    broken = Path(shutil.copytree(versions[0], tmp_path / "broken"))
+    weights = broken / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors[next(n for n in tensors if "lora_B" in n)][0, 0] = float("inf")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with _open(tmp_path / "state", resident) as runtime:
+        with pytest.raises(ModelError, match="non-finite weights"):
+            runtime.install_directory(broken, asset_id=ASSET, version="1", release=1)
+        runtime.engine.pool.close()
+        assert len(runtime.engine.pool) == 0 and runtime.engine.pool.stats()["failures"] == 0
 
 
 @pytest.mark.parametrize("engine", ["torch", "onnx"])
@@ -200,7 +242,7 @@ def test_adapter_with_non_finite_weights_is_refused_and_nothing_changes(
     with _open(tmp_path / "state", resident, engine=engine) as runtime:
         runtime.install_directory(versions[0], asset_id=ASSET, version="1", release=1)
         before = (tmp_path / "state" / "state.json").read_bytes()
-        with pytest.raises(ModelError, match="non-finite"):
+        with pytest.raises(ModelError, match="non-finite weights"):
             runtime.install_directory(broken, asset_id=ASSET, version="2", release=2)
         assert (tmp_path / "state" / "state.json").read_bytes() == before
         assert not (tmp_path / "state" / "assets" / ASSET / "2").exists()
