@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from edgepeft.bench.docs import provenance_lines
 from edgepeft.bench.harness import run_info, write_results
 
 
@@ -79,10 +80,8 @@ def run_deploy_bench(out: Path, *, quick: bool = False, base: str = "small") -> 
 def render(results: dict[str, Any]) -> str:
     """Markdown: provenance, targets, then every measured number section by section."""
     lines = ["# Deployment: bundles, install, hot swap, engines", ""]
-    machine = results.get("machine", {})
-    lines += [f"- Machine: {machine}",
-              f"- Date: {results.get('date')}; commit `{results.get('commit')}`",
-              f"- Command: `{results.get('command')}`", "", "| Target | Status | Measured |", "|---|---|---|"]
+    lines += provenance_lines({**results, "settings": {}})
+    lines += ["| Target | Status | Measured |", "|---|---|---|"]
     for target in results["targets"]:
         status = target["status"].upper() if target["status"] != "met" else "met"
         lines.append(f"| {target['target']} | **{status}** | {target['measured']} |")

@@ -58,7 +58,8 @@ def _get(d: dict[str, Any] | None, *keys: str) -> Any:
     return d
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Lines of a Markdown table (and a blank line after it); every suite's report uses it."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines + [""]
@@ -99,7 +100,7 @@ def render_results(results: dict[str, Any], *, level: int = 1, image_prefix: str
     h = "#" * level
     suite = results["suite"]
     lines = [f"{h} {SUITE_TITLES.get(suite, suite)}", ""]
-    lines += _provenance(results)
+    lines += provenance_lines(results)
     if results.get("protocol"):
         lines += [f"{h}# Protocol", ""] + [f"- {p}" for p in results["protocol"]] + [""]
     lines += [f"{h}# Targets (issue \"Real-data benchmarks\")", ""]
@@ -116,7 +117,8 @@ def render_results(results: dict[str, Any], *, level: int = 1, image_prefix: str
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _provenance(results: dict[str, Any]) -> list[str]:
+def provenance_lines(results: dict[str, Any]) -> list[str]:
+    """Machine, load, date, commit, command and settings of a result, as Markdown bullets (every suite's report)."""
     machine = results.get("machine") or {}
     settings = results.get("settings") or {}
     card = results.get("base_card") or {}
@@ -157,7 +159,7 @@ def _targets(targets: list[dict[str, Any]]) -> list[str]:
         if t.get("indicative") and t["status"] != "not evaluated":
             status += " (indicative: not the full benchmark)"
         rows.append([t["target"], status, t.get("measured") or "—", t.get("detail") or ""])
-    return _table(["Target", "Status", "Measured", "Notes"], rows)
+    return markdown_table(["Target", "Status", "Measured", "Notes"], rows)
 
 
 def _quality_table(results: dict[str, Any]) -> list[str]:
@@ -188,7 +190,7 @@ def _quality_table(results: dict[str, Any]) -> list[str]:
         "process over its RSS after imports and model load. — = does not apply; not measured = run with --no-rss.",
         "",
     ]
-    return _table(header + COST_HEADER, rows) + notes
+    return markdown_table(header + COST_HEADER, rows) + notes
 
 
 def _published(results: dict[str, Any], h: str) -> list[str]:
@@ -198,12 +200,12 @@ def _published(results: dict[str, Any], h: str) -> list[str]:
             for name, s in summary.items()]
     rows += [[p["algorithm"], f"{p['f1']:.2f}", f"{p['far']:.2f}", f"{p['mar']:.2f}"] for p in published["outlier"]]
     lines = [f"{h}# Beside the published SKAB table", "", f"Published: {published['source']}.", ""]
-    lines += _table(["Algorithm", "F1", "FAR %", "MAR %"], rows)
+    lines += markdown_table(["Algorithm", "F1", "FAR %", "MAR %"], rows)
     cp_rows = [[f"`{name}` (this run)", *(_num(_get(s, "changepoint", k), 2) for k in ("standard", "low_fp", "low_fn"))]
                for name, s in summary.items()]
     cp_rows += [[p["algorithm"], f"{p['standard']:.2f}", f"{p['low_fp']:.2f}", f"{p['low_fn']:.2f}"]
                 for p in published["changepoint"]]
-    return lines + _table(["Algorithm (changepoint)", "NAB standard", "low-FP", "low-FN"], cp_rows)
+    return lines + markdown_table(["Algorithm (changepoint)", "NAB standard", "low-FP", "low-FN"], cp_rows)
 
 
 def _memory_table(results: dict[str, Any], h: str) -> list[str]:
@@ -226,7 +228,7 @@ def _memory_table(results: dict[str, Any], h: str) -> list[str]:
     header = ["Contender", "Activations MB", "Grads MB", "Optimizer MB", "Training tensors MB", "Weights MB",
               "Train RSS increase MB", "RSS after load MB", "Infer RSS increase MB", "RSS after load MB",
               "Peak counter reset"]
-    return [f"{h}# Memory, measured", ""] + _table(header, rows) + [
+    return [f"{h}# Memory, measured", ""] + markdown_table(header, rows) + [
         "Tensor bytes come from one real training step (saved-tensor hooks, unique storages; weights excluded since "
         "they are resident anyway). RSS comes from fresh `spawn` subprocesses: peak RSS (VmHWM, the high-water mark "
         "`ru_maxrss` reports, read after resetting it through /proc/self/clear_refs, since `ru_maxrss` itself "
@@ -256,7 +258,7 @@ def _per_asset(results: dict[str, Any], h: str) -> list[str]:
     for key, label in metrics:
         rows = [[a, *(_num(by_name[n].get(a, {}).get(key), 1 if key in ("far", "mar") else 3) for n in names)]
                 for a in order]
-        lines += [f"{label}:", ""] + _table(["Asset", *(f"`{n}`" for n in names)], rows)
+        lines += [f"{label}:", ""] + markdown_table(["Asset", *(f"`{n}`" for n in names)], rows)
     return lines
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from edgepeft.bench.docs import _provenance, _table
+from edgepeft.bench.docs import markdown_table, provenance_lines
 from edgepeft.bench.harness import jsonable, run_info, write_results
 from edgepeft.core.config import atomic_write_bytes
 from edgepeft.core.errors import ConfigError, ModelError, OutputError
@@ -292,7 +292,7 @@ def render_stream(results: dict[str, Any]) -> str:
     """Markdown of a ``bench stream`` result."""
     settings = results["settings"]
     lines = ["# Streaming edge loop: throughput, update latency, memory", ""]
-    lines += _provenance({**results, "settings": {}})
+    lines += provenance_lines({**results, "settings": {}})
     lines += [f"- Stream: simulated pump, {settings['rows']} rows x {settings['channels']} channels, probation "
               f"{settings['warmup']} rows (not timed), one update every {settings['update_every']} rows, batch "
               f"{settings['batch_size']}; base `{settings['base']}` ({settings['base_weights']})", ""]
@@ -311,7 +311,7 @@ def render_stream(results: dict[str, Any]) -> str:
             f"{memory['trainable_parameters']:,}",
             _mb(memory["peak_rss_bytes"]),
         ])
-    lines += _table(header, rows)
+    lines += markdown_table(header, rows)
     lines += ["Training peak: the largest measured update (tensors it holds at once: activations, recomputed "
               "activations, gradients, temporaries) plus the optimizer state and other training state; weights are "
               "resident either way and not counted. Scoring peak: the same measure for scoring one patch "
@@ -329,7 +329,8 @@ def render_stream(results: dict[str, Any]) -> str:
         rows = [[name, _mb(r["training_peak_bytes"]), _mb(r["scoring_peak_bytes"]),
                  f"{r['optimizer_state_bytes'] / 1024:.1f}", f"{r['trainable_parameters']:,}"]
                 for name, r in memory["rows"].items()]
-        lines += _table(["Set-up", "Training peak MB", "Scoring peak MB", "Optimizer state KB", "Trainable"], rows)
+        lines += markdown_table(
+            ["Set-up", "Training peak MB", "Scoring peak MB", "Optimizer state KB", "Trainable"], rows)
         lines += [f"LoRA / full fine-tuning (batch at once): **{memory['lora_over_full']:.1%}**; LoRA / full "
                   f"fine-tuning with the same memory recipe: {memory['lora_over_full_same_recipe']:.1%}; LoRA / its "
                   f"own scoring peak: **{memory['lora_over_scoring']:.2f} x**. Full fine-tuning cannot shed its "
@@ -337,7 +338,7 @@ def render_stream(results: dict[str, Any]) -> str:
                   "activations in flight, which the micro-batch bounds.", ""]
     if results.get("targets"):
         lines += ["## Targets", ""]
-        lines += _table(["Target", "Status", "Measured"],
+        lines += markdown_table(["Target", "Status", "Measured"],
                         [[t["target"], t["status"].upper(), t["measured"]] for t in results["targets"]])
     return "\n".join(lines).rstrip() + "\n"
 
@@ -570,7 +571,7 @@ def render_drift(results: dict[str, Any]) -> str:
     """Markdown of a ``bench drift`` result: means over seeds, (min–max) in brackets."""
     settings, stream = results["settings"], results["stream"]
     lines = ["# Continual learning under regime changes", ""]
-    lines += _provenance({**results, "settings": {}})
+    lines += provenance_lines({**results, "settings": {}})
     parts = ", ".join(f"{p['name']} ({p['stop'] - p['start']} rows)" for p in stream["parts"])
     faults = ", ".join(str(n) for n in stream["faults_per_seed"].values())
     lines += [f"- Stream: {settings['rows']} rows x 8 channels: {parts}; faults per seed: {faults}. The change to "
@@ -591,14 +592,14 @@ def render_drift(results: dict[str, Any]) -> str:
         recall = "—" if s["fault_row_recall"]["mean"] is None else f"{s['fault_row_recall']['mean']:.2f}"
         rows.append([variant, _pct(s["false_alarm_rate"]), _num(s["false_alarm_events"]),
                      f"{_num(s['missed'])} of {s['faults']['mean']:.1f}", recall])
-    lines += _table(header, rows)
+    lines += markdown_table(header, rows)
     lines += ["False-alarm rate per part (mean over seeds, min–max):", ""]
     rows = [[variant, *(_pct(s["parts"][n]["false_alarm_rate"]) for n in names)]
             for variant, s in results["summary"].items()]
-    lines += _table(["Variant", *names], rows)
+    lines += markdown_table(["Variant", *names], rows)
     lines += ["Missed faults per part (mean over seeds):", ""]
     rows = [[variant, *(f"{s['parts'][n]['missed']['mean']:.1f} of {s['parts'][n]['faults']['mean']:.1f}"
                         if s["parts"][n]["faults"]["mean"] else "—" for n in names)]
             for variant, s in results["summary"].items()]
-    lines += _table(["Variant", *names], rows)
+    lines += markdown_table(["Variant", *names], rows)
     return "\n".join(lines).rstrip() + "\n"
