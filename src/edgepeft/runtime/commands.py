@@ -33,6 +33,8 @@ def serve(
                         ] = 256.0,
     threads: Annotated[int, typer.Option(help="torch / ONNX Runtime threads per request. 1 suits small models: "
                                          "requests run concurrently, and intra-op threads only spin.")] = 1,
+    scoring_workers: Annotated[int, typer.Option(help="Scoring requests run at once; the rest queue. 1 suits "
+                                                 "small models, whose requests are mostly Python.")] = 1,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
     """Serve many assets' adapters over HTTP on one resident base model, with atomic hot swap."""
@@ -43,7 +45,8 @@ def serve(
     from edgepeft.runtime.service import DeviceRuntime, RuntimeConfig
 
     config = RuntimeConfig(state_dir=state, base=base, engine=engine, cache_mb=cache_mb,
-                           trusted_keys=list(trusted_key or []), onnx_int8=int8, threads=threads)
+                           trusted_keys=list(trusted_key or []), onnx_int8=int8, threads=threads,
+                           scoring_workers=scoring_workers)
     token, token_source = resolve_token(token_file, state)
     runtime = DeviceRuntime.open(config)
     app = create_app(runtime, token)

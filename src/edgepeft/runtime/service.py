@@ -74,6 +74,7 @@ class RuntimeConfig:
         trusted_keys: public key files (PEM) whose signatures this device accepts on bundles.
         onnx_int8: with the onnx engine, run the int8 dynamically quantised base graph.
         threads: torch / ONNX Runtime threads per request (None: leave the libraries' defaults).
+        scoring_workers: scoring requests run at once (the HTTP server queues the rest in its event loop).
         warm: load the active version of every asset at start-up (within the cache budget).
     """
 
@@ -84,6 +85,7 @@ class RuntimeConfig:
     trusted_keys: Sequence[str | Path] = field(default_factory=list)
     onnx_int8: bool = False
     threads: int | None = None
+    scoring_workers: int = 1
     warm: bool = True
 
     def __post_init__(self) -> None:
@@ -93,6 +95,8 @@ class RuntimeConfig:
             raise ConfigError(f"cache_mb must be positive, got {self.cache_mb}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.scoring_workers < 1:
+            raise ConfigError(f"scoring_workers must be >= 1, got {self.scoring_workers}")
 
 
 logger = logging.getLogger("edgepeft.runtime")

@@ -111,3 +111,11 @@ def test_install_benchmark_reports_both_install_patterns() -> None:
                 "durable_write_floor"):
         assert 0 < numbers[f"{key}_p50_ms"] <= numbers[f"{key}_p99_ms"], key
     assert numbers["spaced_installs_with_pooled_skeleton"] == 4, numbers
+
+
+@pytest.mark.parametrize("field", ["scoring_workers", "threads"])
+def test_runtime_config_refuses_non_positive_worker_counts(tmp_path: Path, field: str) -> None:
+    from edgepeft.runtime.service import RuntimeConfig
+
+    with pytest.raises(ConfigError, match=field):
+        RuntimeConfig(state_dir=tmp_path, **{field: 0})
