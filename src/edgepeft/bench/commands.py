@@ -35,10 +35,10 @@ ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Pro
 
 
 def _options(**kwargs: Any) -> Any:
-    from edgepeft.bench.harness import command_line
+    from edgepeft.bench.harness import command_line, git_commit
     from edgepeft.bench.suites import SuiteOptions
 
-    return SuiteOptions(command=command_line(), **kwargs)
+    return SuiteOptions(command=command_line(), commit=git_commit(), **kwargs)
 
 
 def _out(out: Path | None, suite: str) -> Path:

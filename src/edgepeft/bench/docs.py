@@ -99,7 +99,7 @@ def render_results(results: dict[str, Any], *, level: int = 1, image_prefix: str
     """Markdown for one suite's results: provenance, protocol, targets, quality with costs, details, plots."""
     h = "#" * level
     suite = results["suite"]
-    lines = [f"{h} {SUITE_TITLES.get(suite, suite)}", ""]
+    lines = [f"{h} {_heading(results)}", ""]
     lines += provenance_lines(results)
     if results.get("protocol"):
         lines += [f"{h}# Protocol", ""] + [f"- {p}" for p in results["protocol"]] + [""]
@@ -137,7 +137,9 @@ def provenance_lines(results: dict[str, Any]) -> list[str]:
             lines.append(f"- Load average at the end of the run (1 / 5 / 15 min): "
                          f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {cores} cores{busy}")
     if results.get("date"):
-        lines.append(f"- Date: {results['date']}; commit `{results.get('commit')}`")
+        moved = (f" (HEAD had moved to `{results['commit_at_end'][:12]}` by the end; the numbers come from the "
+                 "code imported at the start)") if results.get("commit_at_end") else ""
+        lines.append(f"- Date: {results['date']}; commit `{results.get('commit')}`{moved}")
     if results.get("command"):
         lines.append(f"- Command: `{results['command']}` (in `{results.get('cwd')}`)")
     if settings:
@@ -384,8 +386,10 @@ def render_benchmarks(results_dirs: Sequence[str | os.PathLike[str]], *, relativ
     if not loaded:
         lines += ["No results yet: run `edgepeft bench skab --out docs/results/skab` (and asd, fleet).", ""]
     else:
-        lines += [f"- [{SUITE_TITLES.get(r['suite'], r['suite'])}](#{_anchor(r['suite'])}) — `{_shown(d, relative_to)}`"
-                  for d, r in loaded] + [""]
+        for folder, results in loaded:
+            title = _section_title(folder, results)
+            lines.append(f"- [{title}](#{_anchor(title)}) — `{_shown(folder, relative_to)}`")
+        lines.append("")
     for folder, results in loaded:
         prefix = _shown(folder, relative_to) + "/" if relative_to is not None else ""
         own = folder / "results.md"
@@ -407,9 +411,31 @@ def _suite_rank(suite: str) -> int:
     return SUITE_ORDER.index(suite) if suite in SUITE_ORDER else len(SUITE_ORDER)
 
 
-def _anchor(suite: str) -> str:
-    title = SUITE_TITLES.get(suite, suite).lower()
-    return "".join(ch for ch in title.replace(" ", "-") if ch.isalnum() or ch == "-")
+def _heading(results: dict[str, Any]) -> str:
+    """A suite's section title, with the base when it has one (SKAB runs on two bases sit side by side)."""
+    suite = results["suite"]
+    base = (results.get("settings") or {}).get("base")
+    title = SUITE_TITLES.get(suite, suite)
+    return f"{title}, base {base}" if base and suite in SUITE_TITLES else title
+
+
+def _section_title(folder: Path, results: dict[str, Any]) -> str:
+    """The heading a result's section gets on the page (a self-rendered suite brings its own)."""
+    own = folder / "results.md"
+    if results["suite"] in SELF_RENDERED and own.exists():
+        first = own.read_text().splitlines()[:1]
+        if first and first[0].startswith("#"):
+            return first[0].lstrip("#").strip()
+    return _heading(results)
+
+
+def _anchor(title: str) -> str:
+    """GitHub's anchor of a heading: lower case, spaces to dashes, other punctuation dropped.
+
+    >>> _anchor("SKAB (water-pump testbed), base tiny")
+    'skab-water-pump-testbed-base-tiny'
+    """
+    return "".join(ch for ch in title.lower().replace(" ", "-") if ch.isalnum() or ch in "-_")
 
 
 def regenerate_benchmarks(docs_dir: str | Path = "docs") -> Path:

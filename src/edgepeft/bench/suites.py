@@ -103,6 +103,8 @@ class SuiteOptions:
         progress: show progress bars on stderr.
         threads: torch threads here and in the measuring subprocesses (None: torch's default, one per core).
         command: the command line to record (None: this process's argv).
+        commit: the git commit when the run started (None: read at the end). The code is imported at the start,
+            so that is the commit whose code produced the numbers, even if HEAD moves during a long run.
     """
 
     base: str = "small"
@@ -116,6 +118,7 @@ class SuiteOptions:
     progress: bool = True
     threads: int | None = None
     command: str | None = None
+    commit: str | None = None
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -528,6 +531,8 @@ def _assemble(
     settings: dict[str, Any], protocol: list[str],
 ) -> dict[str, Any]:
     info = run_info(opts.command)
+    if opts.commit is not None and opts.commit != info["commit"]:
+        info["commit_at_end"], info["commit"] = info["commit"], opts.commit
     assets = {name: _asset_rows(runs, outs) for name, outs in outputs.items()}
     if suite == "skab":
         summary = {name: _skab_summary(runs, outputs[name], assets[name]) for name in outputs}

@@ -106,10 +106,13 @@ def test_asd_suite_reports_honest_and_secondary_metrics(asd_out: Path) -> None:
 
 def test_fleet_suite_runs_on_generated_pumps(tmp_path: Path) -> None:
     out = tmp_path / "fleet"
-    results = run_fleet(SuiteOptions(rss=False, **SMOKE), out, n_pumps=2, n_train=400, n_test=600)
+    # The commit recorded is the one the run started on (the code it imported), even if HEAD moves meanwhile.
+    results = run_fleet(SuiteOptions(rss=False, commit="0" * 40, **SMOKE), out, n_pumps=2, n_train=400, n_test=600)
     saved = check_written(results, out, n_assets=2)
     assert saved["settings"]["n_pumps"] == 2
     assert saved["summary"]["pca"]["n_assets_ranked"] == 2
+    assert saved["commit"] == "0" * 40 and saved["commit_at_end"] != saved["commit"]
+    assert "HEAD had moved" in (out / "results.md").read_text()
 
 
 def test_tensor_probe_sees_activations_of_full_but_not_of_a_frozen_model() -> None:
