@@ -196,7 +196,13 @@ def run_demo(
         progress.update(steps_task, visible=False)
 
     mean = _mean_row(rows)
-    console.print(_rich_table(rows, mean, base=base, method=method, steps=steps))
+    # Below ~110 columns (a pipe or CI log gets 80) the fault lists go under the table instead of being folded
+    # into a column a few characters wide.
+    wide = console.width >= 110
+    console.print(_rich_table(rows, mean, base=base, method=method, steps=steps, faults=wide))
+    if not wide:
+        for row in rows:
+            console.print(f"{row.pump} faults: {', '.join(row.fault_kinds)}", highlight=False)
     settings = {"base": base, "method": method, "n_pumps": n_pumps, "steps": steps, "seed": seed}
     meta = _run_metadata(settings)
     html_path = out_dir / "index.html"
@@ -361,7 +367,9 @@ def _per_kind(rows: list[PumpResult]) -> dict[str, dict[str, float]]:
     }
 
 
-def _rich_table(rows: list[PumpResult], mean: dict[str, float], *, base: str, method: str, steps: int) -> Any:
+def _rich_table(
+    rows: list[PumpResult], mean: dict[str, float], *, base: str, method: str, steps: int, faults: bool = True
+) -> Any:
     from rich.table import Table
 
     table = Table(
@@ -370,14 +378,17 @@ def _rich_table(rows: list[PumpResult], mean: dict[str, float], *, base: str, me
         "IF = IsolationForest on the same split",
     )
     table.add_column("pump", no_wrap=True)
-    table.add_column("faults", overflow="fold")
+    if faults:
+        table.add_column("faults", overflow="fold")
     for title, _, _, _ in TABLE_COLUMNS:
         # Numbers never wrap or get cut; the fault list takes what width is left.
         table.add_column(title, justify="right", no_wrap=True)
     for index, row in enumerate(rows):
         cells = [fmt.format(getattr(row, attr)) for _, _, attr, fmt in TABLE_COLUMNS]
-        table.add_row(row.pump, ", ".join(row.fault_kinds), *cells, end_section=index == len(rows) - 1)
-    table.add_row("mean", "", *[fmt.format(mean[attr]) for _, _, attr, fmt in TABLE_COLUMNS], style="bold")
+        fault_cells = [", ".join(row.fault_kinds)] if faults else []
+        table.add_row(row.pump, *fault_cells, *cells, end_section=index == len(rows) - 1)
+    means = [fmt.format(mean[attr]) for _, _, attr, fmt in TABLE_COLUMNS]
+    table.add_row("mean", *([""] if faults else []), *means, style="bold")
     return table
 
 
