@@ -33,7 +33,7 @@ from edgepeft.core.errors import ConfigError, DataError
 from edgepeft.data.csvio import validate_array
 from edgepeft.data.scaler import ChannelScaler
 from edgepeft.detect.scoring import trailing_mean
-from edgepeft.detect.threshold import ScoreCalibrator, make_threshold
+from edgepeft.detect.threshold import CalibratedOutputs, ScoreCalibrator, make_threshold
 
 # Fewer fit rows than this and a variance, a PCA or a forest is noise, not a model of "normal".
 MIN_FIT_ROWS = 20
@@ -41,7 +41,7 @@ MIN_FIT_ROWS = 20
 MIN_CALIB_ROWS = 20
 
 
-class BaselineDetector:
+class BaselineDetector(CalibratedOutputs):
     """Shared fit / score / predict / calibration of the classical baselines.
 
     Subclasses implement ``_fit_model(scaled_fit_rows)`` and ``_raw_scores(scaled) -> (rows,)``, higher
@@ -134,22 +134,6 @@ class BaselineDetector:
         """One anomaly score per row (higher = more anomalous)."""
         return self._smooth(self._raw_scores(self._prepare(X)))
 
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """p_anomaly per row in [0, 1], calibrated on held-out normal rows."""
-        return self.calibrator_.transform(self.score(X))
-
-    def predict(self, X: Any) -> np.ndarray:
-        """0/1 per row: 1 where the score exceeds the calibrated threshold."""
-        return (self.score(X) > self.threshold_).astype(np.int8)
-
-    def score_all(self, X: Any) -> dict[str, np.ndarray]:
-        """score, p_anomaly and anomaly in one pass."""
-        score = self.score(X)
-        return {
-            "score": score,
-            "p_anomaly": self.calibrator_.transform(score),
-            "anomaly": (score > self.threshold_).astype(np.int8),
-        }
 
     # ------------------------------------------------------------------ sklearn conventions
     def get_params(self, deep: bool = True) -> dict[str, Any]:

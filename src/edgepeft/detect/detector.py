@@ -58,7 +58,7 @@ from edgepeft.detect.scoring import (
     evidence_weights,
     slow_share,
 )
-from edgepeft.detect.threshold import ScoreCalibrator, make_threshold, threshold_from_dict
+from edgepeft.detect.threshold import CalibratedOutputs, ScoreCalibrator, make_threshold, threshold_from_dict
 from edgepeft.models.registry import list_bases, load_base, load_card, state_sha256
 from edgepeft.peft import PeftConfig, get_method, list_methods, parameter_report
 from edgepeft.train.adapt import AdaptConfig, adapt
@@ -67,7 +67,7 @@ DETECTOR_FILE = "detector.json"
 ADAPTER_DIR = "adapter"
 
 
-class AnomalyDetector:
+class AnomalyDetector(CalibratedOutputs):
     """One asset's detector: a frozen pretrained base, a PEFT delta trained on the asset's normal data,
     and a threshold calibrated for a target false-alarm rate.
 
@@ -302,22 +302,6 @@ class AnomalyDetector:
         """(rows, channels) normalised errors before smoothing: which sensor drives an alert."""
         return channel_evidence(self._row_errors(self._prepare(X)), self.channel_error_, self.evidence_weights_)
 
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """p_anomaly per row in [0, 1], calibrated on held-out normal rows."""
-        return self.calibrator_.transform(self.score(X))
-
-    def predict(self, X: Any) -> np.ndarray:
-        """0/1 per row: 1 where the score exceeds the calibrated threshold."""
-        return (self.score(X) > self.threshold_).astype(np.int8)
-
-    def score_all(self, X: Any) -> dict[str, np.ndarray]:
-        """score, p_anomaly and anomaly in one pass."""
-        score = self.score(X)
-        return {
-            "score": score,
-            "p_anomaly": self.calibrator_.transform(score),
-            "anomaly": (score > self.threshold_).astype(np.int8),
-        }
 
     # ------------------------------------------------------------------ merge
     def merge(self) -> None:

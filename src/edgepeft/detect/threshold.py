@@ -351,3 +351,38 @@ class ScoreCalibrator:
         if obj.sigma_ <= 0 or obj.gamma_ < 0:
             raise ArtifactError("saved calibrator tail must have sigma > 0 and gamma >= 0")
         return obj
+
+
+class CalibratedOutputs:
+    """``predict_proba`` / ``predict`` / ``score_all`` from a detector's ``score``, ``calibrator_`` and ``threshold_``:
+    one definition for our detector and the classical baselines, so they answer alike.
+
+    >>> class Toy(CalibratedOutputs):
+    ...     threshold_, calibrator_ = 0.5, ScoreCalibrator().fit(np.linspace(0, 1, 50))
+    ...     def score(self, X): return np.asarray(X, dtype=float)
+    >>> Toy().predict([0.2, 0.9]).tolist()
+    [0, 1]
+    """
+
+    threshold_: float
+    calibrator_: ScoreCalibrator
+
+    def score(self, X: Any) -> np.ndarray:  # pragma: no cover - every user defines it
+        raise NotImplementedError
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """p_anomaly per row in [0, 1], calibrated on held-out normal rows."""
+        return self.calibrator_.transform(self.score(X))
+
+    def predict(self, X: Any) -> np.ndarray:
+        """0/1 per row: 1 where the score exceeds the calibrated threshold."""
+        return (self.score(X) > self.threshold_).astype(np.int8)
+
+    def score_all(self, X: Any) -> dict[str, np.ndarray]:
+        """score, p_anomaly and anomaly in one pass."""
+        score = self.score(X)
+        return {
+            "score": score,
+            "p_anomaly": self.calibrator_.transform(score),
+            "anomaly": (score > self.threshold_).astype(np.int8),
+        }
