@@ -411,6 +411,8 @@ class AnomalyDetector(CalibratedOutputs):
             if det.evidence_weights_.shape != (det.n_channels_, 2):
                 raise ValueError(f"evidence_weights has shape {det.evidence_weights_.shape}, expected "
                                  f"({det.n_channels_}, 2)")
+            if not (np.isfinite(det.evidence_weights_).all() and (det.evidence_weights_ >= 0).all()):
+                raise ValueError("evidence_weights must be finite and non-negative")
             det.threshold_model_ = threshold_from_dict(state["threshold"])
             det.threshold_ = float(det.threshold_model_.threshold_)
             det.calibrator_ = ScoreCalibrator.from_dict(state["calibrator"])

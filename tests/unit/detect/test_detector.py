@@ -198,3 +198,15 @@ def test_channel_aggregation_is_validated_and_saved(tmp_path) -> None:
     assert loaded.channel_agg == "mean"
     X = sine_series(300, 2, seed=1)
     np.testing.assert_array_equal(loaded.score(X), det.score(X))
+
+
+@pytest.mark.parametrize("weights", [[[0.5, 0.5]] * 2, [[-1.0, 0.5]] * 3, [[0.5, None]] * 3])
+def test_bad_evidence_weights_in_a_saved_detector_are_refused(fitted: AnomalyDetector, tmp_path, weights) -> None:
+    import json
+
+    path = fitted.save(tmp_path / "det")
+    state = json.loads((path / "detector.json").read_text())
+    state["evidence_weights"] = weights
+    (path / "detector.json").write_text(json.dumps(state))
+    with pytest.raises(ArtifactError, match="malformed"):
+        AnomalyDetector.load(path)
