@@ -209,9 +209,9 @@ def create_app(runtime: DeviceRuntime, token: str) -> FastAPI:
     # requests under load, and the swap latency would be the queue's length, not the swap's.
     writers = anyio.CapacityLimiter(2)
     # Scoring runs on `scoring_workers` threads (default 1), not the shared pool's 40: a small model spends most of
-    # a request in Python, so concurrent scoring threads mostly take turns on the interpreter lock. In our load
-    # test on 2 cores, 40 threads sustained 158 requests/s at p50 355 ms, 2 threads 193 at 272 ms, and 1 thread
-    # 199 at 54 ms; the requests beyond the workers wait in the event loop.
+    # a request in Python, so concurrent scoring threads mostly take turns on the interpreter lock and every
+    # request slows down (see `edgepeft bench deploy`'s load test); requests beyond the workers wait in the
+    # event loop.
     scorers = anyio.CapacityLimiter(runtime.config.scoring_workers)
 
     @app.exception_handler(EdgePeftError)
