@@ -200,7 +200,7 @@ def check_payload(manifest: dict[str, Any], payload: bytes) -> None:
 
 
 def verify_bundle(
-    data: bytes,
+    data: bytes | Bundle,
     trusted_keys: Sequence[Ed25519PublicKey],
     *,
     resident_base_sha256: str | None = None,
@@ -210,13 +210,16 @@ def verify_bundle(
 ) -> Bundle:
     """Parse ``data`` and accept it only if a trusted key signed it and it suits this device.
 
+    ``data`` is the file's bytes, or a :class:`Bundle` that :func:`read_bundle` already parsed from them (a device
+    parses once to learn which asset's release counter applies, then verifies without parsing again). The
+    signature is checked over the parsed manifest and payload, so a Bundle changed after parsing fails.
     Checks, in order: structure (:func:`read_bundle`); signer among ``trusted_keys`` and signature valid;
     not expired at ``now`` (default: the current time; a naive datetime is taken as UTC); base hash equal to
     ``resident_base_sha256`` when given; release counter above ``installed_release`` when given, unless
     ``allow_rollback`` (an explicit operator rollback; an equal release is refused too, as a replay).
     Nothing about the manifest is trusted until the signature has been checked.
     """
-    bundle = read_bundle(data)
+    bundle = data if isinstance(data, Bundle) else read_bundle(data)
     keys = list(trusted_keys)
     if not keys:
         raise BundleError("no trusted public keys given; pass the fleet's KEY.pub from `edgepeft keygen`")
@@ -227,6 +230,7 @@ def verify_bundle(
         trusted = ", ".join(sorted(key_id(key) for key in keys))
         raise BundleError(f"bundle is signed by key {bundle.signer}, which is not trusted here (trusted: {trusted}); "
                           "do not install it, or add that signer's public key")
+    # Re-encoded from the parsed manifest, not taken from the file: what is checked is what will be used.
     digest = signed_digest(canonical_json(bundle.manifest), bundle.payload)
     if not any(_valid(key, bundle.signature, digest) for key in candidates):
         raise BundleError(f"bundle signature does not verify with key {bundle.signer}: the bundle was modified "

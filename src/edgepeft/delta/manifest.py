@@ -109,10 +109,9 @@ def _check_depth(obj: Any) -> None:
         item, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
             raise BundleError(f"bundle manifest nests deeper than {MAX_JSON_DEPTH} levels; the file is corrupt")
-        if isinstance(item, dict):
-            stack.extend((value, depth + 1) for value in item.values())
-        elif isinstance(item, list):
-            stack.extend((value, depth + 1) for value in item)
+        # Only containers go on the stack: a manifest is mostly lists of numbers, and this runs on every install.
+        values = item.values() if isinstance(item, dict) else item
+        stack.extend((value, depth + 1) for value in values if isinstance(value, dict | list))
 
 
 def check_name(value: Any, what: str) -> str:

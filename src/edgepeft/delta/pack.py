@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -186,14 +187,26 @@ def read_bundle_file(path: str | os.PathLike[str]) -> bytes:
         raise BundleError(f"cannot read bundle {path} ({exc.strerror or exc})") from None
 
 
-def unpack_bundle(bundle: Bundle, out_dir: str | os.PathLike[str], *, durable: bool = True) -> Path:
-    """Write the detector directory a (verified) bundle holds; return its path.
+@dataclass(frozen=True)
+class BundleFiles:
+    """What a verified bundle holds, decoded in memory: the detector folder without touching a disk.
 
-    Everything is written to a temporary folder next to ``out_dir`` and renamed into place, so ``out_dir``
-    is either untouched or complete. An existing detector at ``out_dir`` is replaced (like
-    ``AnomalyDetector.save``); any other existing, non-empty folder is refused. ``durable`` also fsyncs
-    the adapter files and the folders, so the result survives a power cut (what a device wants); detector.json
-    is always fsynced (core's ``write_json``). The fsyncs are most of the time unpacking takes.
+    Attributes:
+        state: the contents of ``detector.json``.
+        tensors: the adapter folder's safetensors files by file name, each ``{tensor name: float array}``
+            (int8 tensors are already dequantised).
+        texts: the adapter folder's text files by file name (peft's ``adapter_config.json``).
+    """
+
+    state: dict[str, Any]
+    tensors: dict[str, dict[str, np.ndarray]]
+    texts: dict[str, str]
+
+
+def bundle_files(bundle: Bundle) -> BundleFiles:
+    """Decode a (verified) bundle into the detector folder's contents; BundleError if they do not decode.
+
+    A device loads an adapter straight from these; :func:`unpack_bundle` writes them out as a folder.
     """
     validate_manifest(bundle.manifest)
     check_payload(bundle.manifest, bundle.payload)
@@ -202,8 +215,23 @@ def unpack_bundle(bundle: Bundle, out_dir: str | os.PathLike[str], *, durable: b
     declared = bundle.manifest["payload"]
     tensors = decode_payload(bundle.payload, tensor_files, tensors=declared["tensors"],
                              compression=declared["compression"], raw_length=declared["raw_length"])
-    blobs = {entry["name"]: _file_bytes(entry, tensors) for entry in entries}
-    state = sections_to_detector_state(bundle.manifest)
+    texts = {entry["name"]: entry["text"] for entry in entries if "text" in entry}
+    return BundleFiles(state=sections_to_detector_state(bundle.manifest), tensors=tensors, texts=texts)
+
+
+def unpack_bundle(bundle: Bundle, out_dir: str | os.PathLike[str], *, durable: bool = True) -> Path:
+    """Write the detector directory a (verified) bundle holds; return its path.
+
+    Everything is written to a temporary folder next to ``out_dir`` and renamed into place, so ``out_dir``
+    is either untouched or complete. An existing detector at ``out_dir`` is replaced (like
+    ``AnomalyDetector.save``); any other existing, non-empty folder is refused. ``durable`` also fsyncs
+    the adapter files and the folders, so the result survives a power cut; detector.json is always fsynced
+    (core's ``write_json``). The fsyncs are most of the time unpacking takes.
+    """
+    files = bundle_files(bundle)
+    entries = bundle.manifest["adapter"]["files"]
+    blobs = {entry["name"]: _file_bytes(entry, files.tensors) for entry in entries}
+    state = files.state
 
     target = Path(out_dir)
     _check_replaceable(target)

@@ -255,7 +255,10 @@ class AnomalyDetector(CalibratedOutputs):
         patch_len = encoder.patch_len
         n_windows, _, n_channels = windows.shape
         out = np.zeros((n_windows, patch_len, n_channels, 2), dtype=np.float32)
-        blank = encoder.hidden_channel_features()
+        # A model that never changes may keep these constant features (the device runtime's served models do):
+        # on a small request they are a fifth of the work.
+        cached = getattr(self.model_, "hidden_channel_features", None)
+        blank = cached() if callable(cached) else encoder.hidden_channel_features()
         batch_windows = max(1, channel_budget // (n_channels * n_channels))
         for start in range(0, n_windows, batch_windows):
             stop = min(start + batch_windows, n_windows)
@@ -415,6 +418,16 @@ class AnomalyDetector(CalibratedOutputs):
                 raise ValueError("evidence_weights must be finite and non-negative")
             det.threshold_model_ = threshold_from_dict(state["threshold"])
             det.threshold_ = float(det.threshold_model_.threshold_)
+            # Scores are computed from these numbers: checked here, so a loaded detector cannot score NaN/inf.
+            n = det.n_channels_
+            if det.channel_error_.shape not in ((n,), (n, 2)) or not (np.isfinite(det.channel_error_).all()
+                                                                     and (det.channel_error_ > 0).all()):
+                raise ValueError(f"channel_error must be finite positive numbers for each of the {n} channels")
+            if det.scaler_.mean_.shape != (n,) or not (np.isfinite(det.scaler_.mean_).all()
+                                                       and np.isfinite(det.scaler_.scale_).all()):
+                raise ValueError(f"the scaler must hold {n} finite means and scales")
+            if not np.isfinite(det.threshold_):
+                raise ValueError("the threshold is not a finite number")
             det.calibrator_ = ScoreCalibrator.from_dict(state["calibrator"])
             det.report_ = dict(state["report"])
             det._check_scoring_params()

@@ -10,15 +10,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-import torch
 from torch import nn
 
 from edgepeft.core.errors import ArtifactError
-from edgepeft.peft.base import TAGS_FILE, PeftConfig, PeftMethod, _load_tensors, adapted_blocks, register_method
+from edgepeft.peft.base import (
+    TAGS_FILE,
+    AdapterTensors,
+    DeltaLoader,
+    PeftConfig,
+    PeftMethod,
+    _file,
+    adapted_blocks,
+    copy_tensors,
+    register_method,
+)
+
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 class _HFMethod(PeftMethod):
     mergeable: ClassVar[bool] = True
+    tensor_files: ClassVar[tuple[str, ...]] = (PEFT_WEIGHTS_FILE, TAGS_FILE)
 
     def peft_config(self, cfg: PeftConfig):  # noqa: ANN201 - a peft config object
         raise NotImplementedError
@@ -47,20 +59,35 @@ class _HFMethod(PeftMethod):
         save_file({"channel_tags": tags}, str(directory / TAGS_FILE))
         return [directory / "adapter_config.json", directory / "adapter_model.safetensors", directory / TAGS_FILE]
 
-    def load(self, model: nn.Module, directory: Path) -> None:
-        from peft import set_peft_model_state_dict
+    def loader(self, model: nn.Module) -> DeltaLoader:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        state = _load_tensors(directory / "adapter_model.safetensors")
-        result = set_peft_model_state_dict(model, state)
-        if getattr(result, "unexpected_keys", None):
-            raise ArtifactError(f"adapter holds tensors this model does not have: {result.unexpected_keys[:3]}")
-        tags = _load_tensors(directory / TAGS_FILE)["channel_tags"]
+        # The names save_pretrained writes, each mapped to the model's own tensor (peft's state dict shares the
+        # parameters' storage). Looking them up walks the whole model, so it happens here, once per model; the
+        # load itself is then a copy per tensor instead of peft's set_peft_model_state_dict walk on every load.
+        targets = get_peft_model_state_dict(model)
+        storages = {param.data_ptr() for param in model.parameters()}
+        shared = all(tensor.data_ptr() in storages for tensor in targets.values())
         encoder = self.encoder(model)
-        if tags.shape != encoder.channel_tags.shape:
-            raise ArtifactError(f"channel tags have shape {tuple(tags.shape)}, expected "
-                                f"{tuple(encoder.channel_tags.shape)}")
-        with torch.no_grad():
-            encoder.channel_tags.copy_(tags)
+
+        def load(files: AdapterTensors) -> None:
+            state = _file(files, PEFT_WEIGHTS_FILE)
+            missing = sorted(set(targets) - set(state))
+            if missing:  # peft would load the rest and leave these at their random init: refuse instead
+                raise ArtifactError(f"adapter lacks tensors this model needs: {missing[:3]}")
+            if shared:
+                copy_tensors(state, targets)
+            else:  # a peft version whose state dict copies: let peft load it, the slow way
+                result = set_peft_model_state_dict(model, dict(state))
+                if getattr(result, "unexpected_keys", None):
+                    raise ArtifactError(f"adapter holds tensors this model does not have: "
+                                        f"{result.unexpected_keys[:3]}")
+            tags = _file(files, TAGS_FILE).get("channel_tags")
+            if tags is None:
+                raise ArtifactError(f"{TAGS_FILE} holds no channel_tags; the adapter is incomplete")
+            copy_tensors({"channel_tags": tags}, {"channel_tags": encoder.channel_tags})
+
+        return load
 
     def merge(self, model: nn.Module) -> None:
         model.merge_adapter()

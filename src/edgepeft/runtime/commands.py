@@ -49,6 +49,7 @@ def serve(
                            scoring_workers=scoring_workers)
     token, token_source = resolve_token(token_file, state)
     runtime = DeviceRuntime.open(config)
+    runtime.settle()
     app = create_app(runtime, token)
     console = Console(stderr=True)
     keys = f"{len(runtime.trusted_keys)} trusted key(s)" if runtime.trusted_keys else "no trusted key: installs refused"

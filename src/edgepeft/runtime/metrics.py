@@ -68,6 +68,7 @@ class Metrics:
         self.swaps = 0
         self.installs = 0
         self.rejected_bundles = 0
+        self.load_failures = 0
         self.rows_scored = 0
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
@@ -84,7 +85,8 @@ class Metrics:
             self.swap_latency.observe("", seconds)
 
     def count(self, name: str, amount: int = 1) -> None:
-        """Increment one of the plain counters (``installs``, ``rejected_bundles``, ``rows_scored``)."""
+        """Increment one of the plain counters (``installs``, ``rejected_bundles``, ``load_failures``,
+        ``rows_scored``)."""
         with self._lock:
             setattr(self, name, getattr(self, name) + amount)
 
@@ -121,6 +123,8 @@ class Metrics:
                 ("edgepeft_installs_total", "Bundles installed.", self.installs),
                 ("edgepeft_rejected_bundles_total", "Bundles refused (signature, base, release, format).",
                  self.rejected_bundles),
+                ("edgepeft_load_failures_total", "Installed versions that failed to load at start-up (damaged "
+                 "on disk).", self.load_failures),
                 ("edgepeft_rows_scored_total", "Rows scored.", self.rows_scored),
             ):
                 lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]

@@ -44,14 +44,15 @@ import torch
 from torch import nn
 
 from edgepeft.core.errors import ArtifactError, ModelError, OutputError
-from edgepeft.detect.detector import ADAPTER_DIR, AnomalyDetector
+from edgepeft.detect.detector import AnomalyDetector
 from edgepeft.peft import get_method
 from edgepeft.runtime.resident import (
     ResidentBase,
+    SavedDetector,
     ServingModel,
+    as_saved,
     check_compatible,
     load_torch_version,
-    read_detector,
 )
 
 OPSET = 17  # scaled_dot_product_attention exports from 14; 17 has LayerNormalization as one node
@@ -226,18 +227,18 @@ def quantize_int8(source: str | Path, out: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- adapters
-def read_lora(adapter_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
+def read_lora(saved: SavedDetector) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
     """An adapter's LoRA tensors by module name, as ``(A, scaling * B)`` float32, and its channel tags.
 
     Raises ModelError when the adapter is not plain LoRA (the caller falls back to torch).
     """
-    from edgepeft.peft.base import TAGS_FILE, _load_tensors
+    from edgepeft.peft.base import TAGS_FILE
 
-    config_path = adapter_dir / "adapter_config.json"
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{config_path} is missing or not JSON ({exc}); reinstall the bundle") from exc
+        config = json.loads(saved.texts["adapter_config.json"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"adapter_config.json in {saved.source} is missing or not JSON ({exc}); "
+                            "reinstall the bundle") from exc
     if config.get("peft_type") != "LORA":
         raise ModelError(f"peft type {config.get('peft_type')!r} has no adapter-as-input ONNX graph")
     for key, plain in _PLAIN_LORA.items():
@@ -247,7 +248,11 @@ def read_lora(adapter_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray
         raise ModelError("LoRA with per-module ranks or extra trained modules has no adapter-as-input ONNX graph")
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     scaling = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
-    state = _load_tensors(adapter_dir / "adapter_model.safetensors")
+    try:
+        state = saved.tensors["adapter_model.safetensors"]
+        tags = saved.tensors[TAGS_FILE]["channel_tags"].float().numpy()
+    except KeyError as exc:
+        raise ArtifactError(f"the adapter in {saved.source} lacks {exc}; reinstall the bundle") from None
     lora: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for key in state:
         if not key.endswith(".lora_A.weight"):
@@ -261,8 +266,7 @@ def read_lora(adapter_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray
     if unknown:
         raise ModelError(f"adapter trains more than LoRA matrices ({unknown[:2]}); no adapter-as-input ONNX graph")
     if not lora:
-        raise ArtifactError(f"{adapter_dir} holds no LoRA tensors; reinstall the bundle")
-    tags = _load_tensors(adapter_dir / TAGS_FILE)["channel_tags"].float().numpy()
+        raise ArtifactError(f"{saved.source} holds no LoRA tensors; reinstall the bundle")
     return lora, tags
 
 
@@ -348,20 +352,21 @@ class OnnxEngine:
                                                                providers=["CPUExecutionProvider"])
             return self._sessions[modules]
 
-    def load(self, directory: Path, *, asset_id: str, version: str, release: int) -> ServingModel:
-        det = read_detector(directory)
-        check_compatible(det, self.resident, directory)
+    def load(self, source: Path | SavedDetector, *, asset_id: str, version: str, release: int) -> ServingModel:
+        saved = as_saved(source)
+        det = saved.detector
+        check_compatible(det, self.resident, saved.source)
         try:
-            lora, tags = read_lora(directory / ADAPTER_DIR) if det.peft_config_.method == "lora" else (None, None)
+            lora, tags = read_lora(saved) if det.peft_config_.method == "lora" else (None, None)
             if lora is None:
                 raise ModelError(f"method {det.peft_config_.method!r} has no adapter-as-input ONNX graph "
                                  "(LoRA only)")
         except ModelError as exc:
-            return load_torch_version(self.resident, directory, asset_id=asset_id, version=version,
+            return load_torch_version(self.resident, saved, asset_id=asset_id, version=version,
                                       release=release, note=f"served by torch: {exc}")
         if not all(np.isfinite(a).all() and np.isfinite(b).all() for a, b in lora.values()) or \
                 not np.isfinite(tags).all():
-            raise ModelError(f"adapter in {directory} has non-finite weights; it was not loaded")
+            raise ModelError(f"adapter in {saved.source} has non-finite weights; it was not loaded")
         if tags.shape[0] != det.n_channels_:
             raise ArtifactError(f"adapter has tags for {tags.shape[0]} channels but the detector has "
                                 f"{det.n_channels_}; reinstall the bundle")

@@ -14,7 +14,8 @@ Merging (``merge_adapter``) would also write into the base; the runtime never me
 
 The detector's numbers (scaler, channel weights, threshold, calibrator) come from its ``detector.json`` exactly
 as :meth:`AnomalyDetector.load` reads them, so a served version scores bit-identically to the same detector
-loaded offline.
+loaded offline. A version is read into a :class:`SavedDetector` first, from an unpacked folder or straight from
+a verified bundle's bytes (what the device keeps on disk: one file per version, decoded in memory).
 
 Example:
     >>> resident = ResidentBase.load("tiny")          # doctest: +SKIP
@@ -28,9 +29,10 @@ import copy
 import dataclasses
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +43,10 @@ from edgepeft.core.errors import ArtifactError, ModelError
 from edgepeft.detect.detector import ADAPTER_DIR, DETECTOR_FILE, AnomalyDetector
 from edgepeft.models.registry import load_base, state_sha256
 from edgepeft.peft import PeftConfig, PeftMethod, get_method
+from edgepeft.peft.base import AdapterTensors, DeltaLoader
+
+if TYPE_CHECKING:
+    from edgepeft.delta import BundleFiles
 
 # What a resident torch model costs beyond its own tensors: the Python objects of its module tree (every nn.Module
 # carries a dozen dicts) and peft's wrappers. `edgepeft.runtime.bench.adapter_memory` measured 355 KB of RSS per
@@ -134,11 +140,53 @@ def read_detector(directory: str | Path) -> AnomalyDetector:
     return AnomalyDetector.from_state(read_json(directory / DETECTOR_FILE), directory / DETECTOR_FILE)
 
 
-def check_compatible(det: AnomalyDetector, resident: ResidentBase, directory: Path) -> None:
+@dataclass(frozen=True)
+class SavedDetector:
+    """One saved detector, read into memory: its fitted numbers and its adapter folder's files.
+
+    Attributes:
+        detector: the detector's fitted numbers, no model yet (the engine builds one on the resident base).
+        tensors: the adapter's safetensors files by file name, each ``{tensor name: tensor}``.
+        texts: the adapter's text files by file name (peft's ``adapter_config.json``).
+        source: where it was read from, for messages.
+    """
+
+    detector: AnomalyDetector
+    tensors: AdapterTensors
+    texts: dict[str, str]
+    source: str
+
+    @classmethod
+    def from_directory(cls, directory: str | Path) -> SavedDetector:
+        """Read a detector folder that ``AnomalyDetector.save`` (or ``unpack_bundle``) wrote."""
+        from edgepeft.peft.base import _load_tensors
+
+        directory = Path(directory)
+        det = read_detector(directory)
+        adapter_dir = directory / ADAPTER_DIR
+        names = get_method(det.peft_config_.method).tensor_files
+        texts = {path.name: path.read_text() for path in sorted(adapter_dir.glob("*.json")) if path.is_file()}
+        return cls(det, {name: _load_tensors(adapter_dir / name) for name in names}, texts, str(directory))
+
+    @classmethod
+    def from_bundle(cls, files: BundleFiles, source: str) -> SavedDetector:
+        """Use the contents of a verified bundle (:func:`edgepeft.delta.bundle_files`) without writing them out."""
+        det = AnomalyDetector.from_state(files.state, source)
+        tensors = {name: {key: torch.from_numpy(array) for key, array in arrays.items()}
+                   for name, arrays in files.tensors.items()}
+        return cls(det, tensors, dict(files.texts), source)
+
+
+def as_saved(source: str | Path | SavedDetector) -> SavedDetector:
+    """A SavedDetector as is, or one read from a detector folder."""
+    return source if isinstance(source, SavedDetector) else SavedDetector.from_directory(source)
+
+
+def check_compatible(det: AnomalyDetector, resident: ResidentBase, where: str | Path) -> None:
     """Refuse a detector trained on another base: its delta would run on weights it never saw."""
     if det.base != resident.name or det.base_sha256_ != resident.sha256:
         raise ModelError(
-            f"adapter in {directory} was trained on base {det.base!r} (sha256 {det.base_sha256_[:12]}…) but this "
+            f"adapter in {where} was trained on base {det.base!r} (sha256 {det.base_sha256_[:12]}…) but this "
             f"runtime serves base {resident.name!r} (sha256 {resident.sha256[:12]}…); re-adapt it on this base"
         )
 
@@ -161,26 +209,45 @@ def torch_skeleton(resident: ResidentBase, config: PeftConfig, n_channels: int) 
     return model
 
 
-def build_torch_model(
-    resident: ResidentBase, det: AnomalyDetector, adapter_dir: Path, skeleton: nn.Module | None = None
-) -> nn.Module:
-    """The adapted torch model of one detector, its frozen tensors aliasing the resident base.
+@dataclass
+class Skeleton:
+    """A model structure ready for one adapter's weights: the model, the loader prepared for it, and the bytes
+    it adds to the process (loading copies into its tensors in place, so that does not change)."""
 
-    ``skeleton`` is an unused :func:`torch_skeleton` of the same config and channel count (from a pool); the
-    adapter's weights are loaded into it. Without one, it is built here. Either way the result is the same.
+    model: nn.Module
+    load: DeltaLoader
+    private_bytes: int
+
+    @classmethod
+    def build(cls, resident: ResidentBase, config: PeftConfig, n_channels: int) -> Skeleton:
+        model = torch_skeleton(resident, config, n_channels)
+        load = get_method(config.method).loader(model)
+        # Served models are frozen and in eval mode; both walk the module tree, so they happen here, ahead.
+        model.requires_grad_(False)
+        model.eval()
+        return cls(model, load, resident.private_bytes(model))
+
+
+def build_torch_model(
+    resident: ResidentBase, saved: SavedDetector, skeleton: Skeleton | None = None
+) -> Skeleton:
+    """The adapted torch model of one saved detector, its frozen tensors aliasing the resident base.
+
+    ``skeleton`` is an unused :class:`Skeleton` of the same config and channel count (from a pool); the adapter's
+    weights are loaded into it. Without one, it is built here. Either way the result is the same; it is returned
+    with the adapter loaded.
     """
-    model = skeleton if skeleton is not None else torch_skeleton(resident, det.peft_config_, det.n_channels_)
-    get_method(det.peft_config_.method).load(model, adapter_dir)
+    det = saved.detector
+    skeleton = skeleton or Skeleton.build(resident, det.peft_config_, det.n_channels_)
     # A NaN in an adapter weight need not show in a smoke-test score (a NaN query entry can vanish in
-    # attention over constant input), so the loaded weights themselves are checked; only the model's own
-    # tensors can be new, the aliased base was checked when it was loaded.
-    bad = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
-           if not resident.aliases(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    # attention over constant input), so the adapter's weights themselves are checked. They are the only
+    # tensors the load brings: everything else in the model is the checked base or the method's own init.
+    bad = [f"{file}/{name}" for file, tensors in saved.tensors.items() for name, tensor in tensors.items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
     if bad:
-        raise ModelError(f"adapter in {adapter_dir} has non-finite weights ({bad[0]}); it was not loaded")
-    model.requires_grad_(False)
-    model.eval()
-    return model
+        raise ModelError(f"adapter in {saved.source} has non-finite weights ({bad[0]}); it was not loaded")
+    skeleton.load(saved.tensors)
+    return skeleton
 
 
 def skeleton_key(config: PeftConfig, n_channels: int) -> str:
@@ -191,12 +258,12 @@ def skeleton_key(config: PeftConfig, n_channels: int) -> str:
 class SkeletonPool:
     """Spare model skeletons built off the request path, so installing or re-loading a version only loads weights.
 
-    After a version of some config has loaded, :meth:`refill` builds one spare of that config in a background
-    thread; the next install of the same kind (the usual case: a new version of the same asset) takes it instead
-    of building one. Bounded: spares are kept for the ``max_configs`` most recently loaded configs only (about a
-    resident adapter's size each). Only methods that share the base's tensors are pooled: a spare of full
-    fine-tuning would be a whole base copy. Building runs the same code as the synchronous path, so a pooled model
-    equals an unpooled one.
+    After a version of some config has loaded, :meth:`refill` builds one spare of that config (and its method's
+    prepared loader) in a background thread; the next install of the same kind (the usual case: a new version
+    of the same asset) takes it instead of building one. Bounded: spares are kept for the ``max_configs`` most
+    recently loaded configs only (about a resident adapter's size each). Only methods that share the base's
+    tensors are pooled: a spare of full fine-tuning would be a whole base copy. Building runs the same code as
+    the synchronous path, so a pooled model equals an unpooled one.
 
     Example:
         >>> pool = SkeletonPool(ResidentBase.load("tiny"))           # doctest: +SKIP
@@ -208,7 +275,7 @@ class SkeletonPool:
     def __init__(self, resident: ResidentBase, max_configs: int = 4) -> None:
         self.resident = resident
         self.max_configs = max_configs
-        self._spares: dict[str, nn.Module] = {}
+        self._spares: dict[str, Skeleton] = {}
         self._wanted: dict[str, tuple[PeftConfig, int]] = {}  # insertion order = least recently loaded first
         self._building: set[str] = set()
         self._threads: list[threading.Thread] = []
@@ -218,7 +285,7 @@ class SkeletonPool:
         self.failures = 0
         self.last_error = ""
 
-    def take(self, config: PeftConfig, n_channels: int) -> nn.Module | None:
+    def take(self, config: PeftConfig, n_channels: int) -> Skeleton | None:
         """A ready spare for this config (removed from the pool), or None."""
         key = skeleton_key(config, n_channels)
         with self._lock:
@@ -282,11 +349,14 @@ class SkeletonPool:
                     "failures": self.failures, "last_error": self.last_error}
 
     def _build(self, key: str, config: PeftConfig, n_channels: int) -> None:
+        # Let the write that started this thread return first: a new thread keeps the interpreter lock until the
+        # switch interval (5 ms) makes it yield, and the writer, waiting on that lock to return, would pay it.
+        time.sleep(0.001)
         try:
-            model = torch_skeleton(self.resident, config, n_channels)
+            skeleton = Skeleton.build(self.resident, config, n_channels)
             with self._lock:
                 if key in self._wanted:  # not evicted from the wanted set meanwhile
-                    self._spares[key] = model
+                    self._spares[key] = skeleton
         except Exception as exc:  # noqa: BLE001 - a failed spare only means the next load builds its own; counted
             with self._lock:
                 self.failures += 1
@@ -309,13 +379,22 @@ class FrozenModel:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        model.eval()
+        if model.training:  # a skeleton is put in eval mode when built; walking the tree again costs an install
+            model.eval()
         self.model = model
         self.encoder = PeftMethod.encoder(model)
+        self._blank: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return self.model(x, hidden)
+
+    def hidden_channel_features(self) -> torch.Tensor:
+        """The encoder's features of a fully hidden channel, computed once: the weights never change here."""
+        if self._blank is None:  # a race only computes the same constant twice
+            with torch.inference_mode():
+                self._blank = self.encoder.hidden_channel_features()
+        return self._blank
 
     def eval(self) -> FrozenModel:
         return self
@@ -377,7 +456,7 @@ class ServingModel:
 
 def load_torch_version(
     resident: ResidentBase,
-    directory: str | Path,
+    source: str | Path | SavedDetector,
     *,
     asset_id: str,
     version: str,
@@ -385,15 +464,15 @@ def load_torch_version(
     note: str = "",
     pool: SkeletonPool | None = None,
 ) -> ServingModel:
-    """Build the serving model of a detector directory on the resident base (torch engine)."""
-    directory = Path(directory)
-    det = read_detector(directory)
-    check_compatible(det, resident, directory)
+    """Build the serving model of a saved detector (a folder, or one read from a bundle) on the resident base."""
+    saved = as_saved(source)
+    det = saved.detector
+    check_compatible(det, resident, saved.source)
     skeleton = pool.take(det.peft_config_, det.n_channels_) if pool is not None else None
-    model = build_torch_model(resident, det, directory / ADAPTER_DIR, skeleton)
+    loaded = build_torch_model(resident, saved, skeleton)
     if pool is not None:
         pool.want(det.peft_config_, det.n_channels_)
-    det.model_ = FrozenModel(model)
+    det.model_ = FrozenModel(loaded.model)
     det.method_ = get_method(det.peft_config_.method)
     return ServingModel(
         asset_id=asset_id,
@@ -402,6 +481,6 @@ def load_torch_version(
         method=det.peft_config_.method,
         engine="torch",
         detector=det,
-        private_bytes=resident.private_bytes(model) + MODEL_OVERHEAD_BYTES,
+        private_bytes=loaded.private_bytes + MODEL_OVERHEAD_BYTES,
         note=note,
     )

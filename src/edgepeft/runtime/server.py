@@ -267,15 +267,15 @@ def create_app(runtime: DeviceRuntime, token: str) -> FastAPI:
         allow_rollback: Annotated[bool, Query(description="Accept a release not newer than the installed one "
                                                           "(a deliberate downgrade).")] = False,
     ) -> dict[str, Any]:
-        """Verify signature, base and release counter, unpack, smoke-test, then commit; a rejected bundle
-        changes nothing on the device."""
+        """Verify signature, base and release counter, load and smoke-test from memory, store the bundle file,
+        then commit; a rejected bundle changes nothing on the device."""
         declared = int(request.headers.get("content-length") or 0)
         if declared > MAX_BUNDLE_BYTES:
             return _too_large(declared, MAX_BUNDLE_BYTES)
         data = await request.body()
         if len(data) > MAX_BUNDLE_BYTES:
             return _too_large(len(data), MAX_BUNDLE_BYTES)
-        # Verification, unpacking and loading take tens of milliseconds: off the event loop, so scoring
+        # An install takes milliseconds (more when it must build a model): off the event loop, so scoring
         # requests keep flowing while a bundle installs.
         return await anyio.to_thread.run_sync(
             functools.partial(runtime.install_bundle, data, activate=activate, allow_rollback=allow_rollback),

@@ -4,15 +4,18 @@ Layout of a state directory (all of it owned by one runtime process)::
 
     STATE/
       state.json                     # RuntimeState: the only file that says what is installed and active
-      assets/<asset_id>/<version>/   # one unpacked AnomalyDetector directory per installed version
+      bundles/<asset_id>/<version>.edelta  # a version installed from a bundle: the verified bundle, as received
+      assets/<asset_id>/<version>/   # a version installed from a detector directory (provisioning, tests)
       staging/                       # bundles being unpacked; emptied at start-up
       onnx/                          # exported graphs and ONNX Runtime adapter files (derived, rebuildable)
       token                          # write-endpoint token, generated (mode 0600) when none is configured
       lock                           # held (flock) by the one runtime process that owns the directory
 
-``state.json`` is replaced atomically (temp file, fsync, rename) and only *after* a version's directory is
-complete, so a crash leaves either the old state or the new one, and a directory that ``state.json`` does not
-name is ignored (and overwritten by the next install of that version). State objects are immutable: every
+``state.json`` is replaced atomically (temp file, fsync, rename) and only *after* a version's file or directory
+is complete and on disk, so a crash leaves either the old state or the new one, and a file or directory that
+``state.json`` does not name is ignored (and overwritten by the next install of that version). A bundle is kept
+as the one file it arrived as, not unpacked: an install writes and fsyncs one small file, and loading decodes
+it in memory (checked against the sha256 that ``state.json`` recorded at install). State objects are immutable: every
 change builds a new :class:`RuntimeState` and the runtime swaps one reference.
 
 Example:
@@ -26,16 +29,21 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgepeft.core.config import read_json, write_json
+from edgepeft.core.config import SCHEMA_VERSION, atomic_write_bytes, read_json
 from edgepeft.core.errors import ArtifactError, ConfigError
 
 STATE_FILE = "state.json"
+BUNDLES_DIR = "bundles"
+BUNDLE_SUFFIX = ".edelta"
 ASSETS_DIR = "assets"
 STAGING_DIR = "staging"
 ONNX_DIR = "onnx"
@@ -69,6 +77,8 @@ class VersionRecord:
         installed_at: UTC time of installation, ISO 8601.
         bundle_sha256: hash of the installed bundle bytes (``local`` for directories installed by hand).
         manifest: the bundle manifest, kept for inspection.
+        stored: ``bundle`` (kept as the bundle file) or ``directory`` (an unpacked detector directory; what
+            state files written before bundles were kept whole say, implicitly).
     """
 
     version: str
@@ -77,6 +87,7 @@ class VersionRecord:
     installed_at: str
     bundle_sha256: str
     manifest: dict[str, Any] = field(default_factory=dict)
+    stored: str = "directory"
 
 
 @dataclass(frozen=True)
@@ -205,6 +216,46 @@ class StateStore:
     def version_dir(self, asset_id: str, version: str) -> Path:
         return self.root / ASSETS_DIR / check_name(asset_id, "asset id") / check_name(version, "version")
 
+    def bundle_path(self, asset_id: str, version: str) -> Path:
+        return (self.root / BUNDLES_DIR / check_name(asset_id, "asset id")
+                / f"{check_name(version, 'version')}{BUNDLE_SUFFIX}")
+
+    def write_bundle(self, asset_id: str, version: str, data: bytes) -> Path:
+        """Durably write a verified bundle for a version that ``state.json`` does not name yet.
+
+        No temp file and rename: until ``state.json`` names the version, nothing reads this path, and a file
+        left half-written by a crash is overwritten by the next install of that version. Two fsyncs (the file,
+        then its directory entry) and the file is on disk before the commit that refers to it.
+        """
+        path = self.bundle_path(asset_id, version)
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(path.parent.parent)  # a new asset's folder: its entry must survive too
+            _fsync_dir(path.parent.parent.parent)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(path.parent)
+        return path
+
+    def read_bundle(self, asset_id: str, record: VersionRecord) -> bytes:
+        """The stored bundle of an installed version, refused unless it hashes to what was installed."""
+        path = self.bundle_path(asset_id, record.version)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ArtifactError(f"{path} of installed version {asset_id} {record.version} cannot be read "
+                                f"({exc.strerror or exc}); reinstall that version's bundle") from None
+        if hashlib.sha256(data).hexdigest() != record.bundle_sha256:
+            raise ArtifactError(f"{path} no longer matches the bundle installed as {asset_id} {record.version} "
+                                "(sha256 differs): it was modified on disk; reinstall that version's bundle")
+        return data
+
     def staging_dir(self) -> Path:
         return self.root / STAGING_DIR
 
@@ -228,5 +279,19 @@ class StateStore:
         return state
 
     def save(self, state: RuntimeState) -> None:
-        """Atomically replace ``state.json`` (temp + fsync + rename)."""
-        write_json(self.state_file, state.to_dict())
+        """Atomically replace ``state.json`` (temp + fsync + rename).
+
+        Compact JSON: it is rewritten on every install and activation, and ``json.dumps`` with ``indent`` runs
+        the pure-Python encoder, several times slower than the C one on a state with many versions. Pretty-print
+        it with ``python -m json.tool`` to read it.
+        """
+        payload = {"schema_version": SCHEMA_VERSION, **state.to_dict()}
+        atomic_write_bytes(self.state_file, json.dumps(payload, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -21,6 +21,7 @@ from edgepeft.core.errors import ArtifactError, OutputError
 from edgepeft.delta import (
     Bundle,
     BundleError,
+    bundle_files,
     load_private_key,
     load_public_key,
     pack_bundle,
@@ -73,6 +74,27 @@ def test_fp32_round_trip_recreates_the_files_and_scores_bitwise(
     assert tree_bytes(out) == {name: blob for name, blob in original.items() if name in listed}
     X = sine_series(240, 3, seed=3)
     assert np.array_equal(AnomalyDetector.load(out).score(X), AnomalyDetector.load(detector_dir).score(X))
+
+
+def test_bundle_files_are_the_folder_in_memory_and_a_parsed_bundle_verifies_once(
+    detector_dir: Path, bundle_bytes: bytes, key: Ed25519PrivateKey
+) -> None:
+    """What a device loads from (no folder written) equals what unpacking writes; a Bundle parsed once can be
+    verified without parsing again, and one whose manifest changed after parsing does not verify."""
+    from safetensors.numpy import load_file
+
+    parsed = read_bundle(bundle_bytes)
+    bundle = verify_bundle(parsed, [key.public_key()], installed_release=4)
+    files = bundle_files(bundle)
+    assert files.state == read_json(detector_dir / "detector.json")
+    for name, tensors in files.tensors.items():
+        on_disk = load_file(str(detector_dir / "adapter" / name))
+        assert tensors.keys() == on_disk.keys()
+        assert all(np.array_equal(tensors[k], on_disk[k]) for k in tensors), name
+    assert files.texts["adapter_config.json"] == (detector_dir / "adapter" / "adapter_config.json").read_text()
+    parsed.manifest["release"] = 99  # e.g. a caller "fixing" the counter after parsing
+    with pytest.raises(BundleError, match="signature does not verify"):
+        verify_bundle(parsed, [key.public_key()])
 
 
 def test_per_channel_scoring_weights_travel_in_the_bundle(key: Ed25519PrivateKey, tmp_path: Path) -> None:

@@ -210,3 +210,25 @@ def test_bad_evidence_weights_in_a_saved_detector_are_refused(fitted: AnomalyDet
     (path / "detector.json").write_text(json.dumps(state))
     with pytest.raises(ArtifactError, match="malformed"):
         AnomalyDetector.load(path)
+
+
+@pytest.mark.parametrize(("field", "edit"), [
+    ("channel_error", lambda s: s["channel_error"][0].__setitem__(0, 0.0)),
+    ("channel_error", lambda s: s["channel_error"].pop()),
+    ("channel_error", lambda s: s["channel_error"][1].__setitem__(1, float("nan"))),
+    ("scaler", lambda s: s["scaler"]["mean"].__setitem__(0, float("inf"))),
+    ("scaler", lambda s: s["scaler"].update(mean=s["scaler"]["mean"][:-1], scale=s["scaler"]["scale"][:-1])),
+    ("threshold", lambda s: s["threshold"].update(threshold=float("nan"))),
+])
+def test_numbers_scores_depend_on_are_checked_when_a_detector_is_read(
+    fitted: AnomalyDetector, tmp_path, field: str, edit
+) -> None:
+    """A hand-edited or corrupted detector.json must not load into a detector that scores NaN or inf."""
+    import json
+
+    path = fitted.save(tmp_path / "det")
+    state = json.loads((path / "detector.json").read_text())
+    edit(state)
+    (path / "detector.json").write_text(json.dumps(state))
+    with pytest.raises(ArtifactError, match=f"malformed.*{field}"):
+        AnomalyDetector.load(path)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgepeft.core.errors import ConfigError
+from edgepeft.core.errors import ArtifactError, ConfigError
 from edgepeft.data.windows import training_windows
 from edgepeft.peft import PeftConfig, get_method, list_methods, parameter_report
 from edgepeft.train.adapt import AdaptConfig, adapt, masked_mse
@@ -168,3 +168,38 @@ def test_adapt_last_keeps_early_blocks_frozen_and_trains_cached(method_name: str
     with torch.no_grad():
         after = masked_mse(model, *args).item()
     assert after < before  # the cached loop learns: held-out forecast error goes down
+
+
+HF_METHODS = [m for m in METHODS if "channel_tags.safetensors" in get_method(m).tensor_files]
+
+
+@pytest.mark.parametrize("method_name", HF_METHODS)
+def test_prepared_loader_matches_peft_loading_and_refuses_partial_adapters(method_name: str, tmp_path) -> None:
+    """The loader prepared ahead copies tensors in place of peft's set_peft_model_state_dict: same weights."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    method, model, _ = _adapted(method_name, steps=3)
+    cfg = PeftConfig(method=method_name, rank=4)
+    method.save(model, cfg, tmp_path / "adapter")
+    files = {name: load_file(str(tmp_path / "adapter" / name)) for name in method.tensor_files}
+
+    def fresh():
+        base = make_tiny_base()
+        base.set_n_channels(3, seed=99)
+        return method.attach(base, cfg)
+
+    ours, reference = fresh(), fresh()
+    method.loader(ours)(files)
+    set_peft_model_state_dict(reference, files["adapter_model.safetensors"])
+    with torch.no_grad():
+        method.encoder(reference).channel_tags.copy_(files["channel_tags.safetensors"]["channel_tags"])
+    mine, theirs = dict(ours.named_parameters()), dict(reference.named_parameters())
+    assert mine.keys() == theirs.keys()
+    for name, value in mine.items():
+        assert torch.equal(value, theirs[name]), name
+    partial = {**files, "adapter_model.safetensors": dict(list(files["adapter_model.safetensors"].items())[1:])}
+    with pytest.raises(ArtifactError, match="lacks tensors"):
+        method.loader(fresh())(partial)
+    with pytest.raises(ArtifactError, match="has no channel_tags.safetensors"):
+        method.loader(fresh())({"adapter_model.safetensors": files["adapter_model.safetensors"]})

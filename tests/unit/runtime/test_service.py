@@ -16,7 +16,7 @@ from edgepeft.detect.detector import AnomalyDetector
 from edgepeft.models.registry import state_sha256
 from edgepeft.peft import get_method
 from edgepeft.runtime.loadtest import payloads
-from edgepeft.runtime.resident import ResidentBase, SkeletonPool
+from edgepeft.runtime.resident import ResidentBase, SkeletonPool, load_torch_version
 from edgepeft.runtime.service import DeviceRuntime, RuntimeConfig
 from edgepeft.runtime.state import ConflictError, UnknownAssetError
 from tests.unit.runtime.conftest import ASSET, bundle
@@ -247,3 +247,135 @@ def test_adapter_with_non_finite_weights_is_refused_and_nothing_changes(
         assert (tmp_path / "state" / "state.json").read_bytes() == before
         assert not (tmp_path / "state" / "assets" / ASSET / "2").exists()
         assert runtime.active_model(ASSET).version == "1"
+
+
+def test_bundle_versions_are_kept_as_the_verified_file(
+    tmp_path: Path, resident: ResidentBase, versions: list[Path], keys: dict[str, object]
+) -> None:
+    """A bundle install writes the bundle itself (no unpacked folder); reloading it checks its hash, and a copy
+    damaged on disk fails that one asset with a clear error while the device starts and serves the others."""
+    state = tmp_path / "state"
+    data = [bundle(directory, keys["trusted"], str(i), i) for i, directory in enumerate(versions[:2], start=1)]
+    other = bundle(versions[2], keys["trusted"], "1", 1, asset_id="pump-2")
+    offline = [AnomalyDetector.load(d).score_all(ROWS)["score"] for d in versions]
+    config = {"trusted_keys": [keys["public"]]}
+    with _open(state, resident, **config) as runtime:
+        for blob in [*data, other]:
+            runtime.install_bundle(blob)
+        records = runtime.state.asset(ASSET).versions
+        assert {record.stored for record in records.values()} == {"bundle"}
+    assert (state / "bundles" / ASSET / "1.edelta").read_bytes() == data[0]
+    assert (state / "bundles" / ASSET / "2.edelta").read_bytes() == data[1]
+    assert not (state / "assets").exists(), "bundle installs unpack nothing to disk"
+    # Every version loads back from its file after a restart, scoring exactly as offline.
+    with _open(state, resident, **config) as runtime:
+        np.testing.assert_array_equal(runtime.score(ASSET, ROWS)[1]["score"], offline[1])
+        np.testing.assert_array_equal(runtime.model(ASSET, "1").score_all(ROWS)["score"], offline[0])
+    damaged = bytearray(data[1])
+    damaged[len(damaged) // 2] ^= 0x01
+    (state / "bundles" / ASSET / "2.edelta").write_bytes(bytes(damaged))
+    with _open(state, resident, **config) as runtime:  # starts although the active version of pump-1 is damaged
+        assert runtime.metrics.load_failures == 1
+        with pytest.raises(ArtifactError, match="modified on disk"):
+            runtime.score(ASSET, ROWS)
+        np.testing.assert_array_equal(runtime.score("pump-2", ROWS)[1]["score"], offline[2])
+        assert runtime.rollback(ASSET)["active"] == "1"  # the operator's way out: the previous version
+        np.testing.assert_array_equal(runtime.score(ASSET, ROWS)[1]["score"], offline[0])
+        assert "edgepeft_load_failures_total 1" in runtime.metrics.render()
+
+
+def test_a_bundle_that_fails_its_load_leaves_no_file(
+    tmp_path: Path, resident: ResidentBase, versions: list[Path], keys: dict[str, object]
+) -> None:
+    broken = Path(shutil.copytree(versions[0], tmp_path / "broken"))
+    weights = broken / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    del tensors[next(n for n in tensors if "lora_B" in n)]  # signed and well formed, but not a whole adapter
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    state = tmp_path / "state"
+    with _open(state, resident, trusted_keys=[keys["public"]]) as runtime:
+        runtime.install_bundle(bundle(versions[1], keys["trusted"], "1", 1))
+        snapshot = _tree(state)
+        with pytest.raises(ArtifactError, match="lacks tensors"):
+            runtime.install_bundle(bundle(broken, keys["trusted"], "2", 2))
+        assert _tree(state) == snapshot
+        assert not (state / "bundles" / ASSET / "2.edelta").exists()
+        assert runtime.metrics.rejected_bundles == 1
+
+
+def test_state_written_before_bundle_files_still_loads(
+    tmp_path: Path, resident: ResidentBase, versions: list[Path]
+) -> None:
+    """Older state.json files name unpacked directories and have no ``stored`` field: they read as directories."""
+    import json
+
+    state = tmp_path / "state"
+    with _open(state, resident) as runtime:
+        runtime.install_directory(versions[0], asset_id=ASSET, version="1", release=1)
+    saved = json.loads((state / "state.json").read_text())
+    for record in saved["assets"][ASSET]["versions"].values():
+        assert record.pop("stored") == "directory"
+    (state / "state.json").write_text(json.dumps(saved, indent=2))
+    with _open(state, resident) as runtime:
+        offline = AnomalyDetector.load(versions[0]).score_all(ROWS)["score"]
+        np.testing.assert_array_equal(runtime.score(ASSET, ROWS)[1]["score"], offline)
+
+
+def test_every_method_installs_from_a_bundle_and_scores_as_offline(
+    tmp_path: Path, resident: ResidentBase, every_method: dict[str, Path], keys: dict[str, object]
+) -> None:
+    """Bundle tensors go straight from the payload into the model (no folder, a prepared loader): for every
+    method, the first version (built fresh) and the second (a pooled skeleton where pooled) score alike, and as
+    offline (to float rounding: a served model always takes the cached-features path, which full fine-tuning's
+    offline model, trainable everywhere, does not)."""
+    with _open(tmp_path / "state", resident, trusted_keys=[keys["public"]]) as runtime:
+        for method, directory in every_method.items():
+            offline = AnomalyDetector.load(directory).score_all(ROWS)["score"]
+            scores = []
+            for release in (1, 2):
+                runtime.install_bundle(bundle(directory, keys["trusted"], str(release), release, asset_id=method))
+                scores.append(runtime.score(method, ROWS)[1]["score"])
+                if not get_method(method).trains_base:
+                    _wait_for_spare(runtime.engine.pool)
+            np.testing.assert_array_equal(scores[1], scores[0], err_msg=method)
+            np.testing.assert_allclose(scores[0], offline, rtol=1e-6, err_msg=method)
+        assert runtime.engine.pool.stats()["failures"] == 0
+
+
+def test_an_adapter_that_forecasts_absurd_values_is_refused(
+    tmp_path: Path, resident: ResidentBase, every_method: dict[str, Path], keys: dict[str, object]
+) -> None:
+    """Finite weights can still make a broken model: a head scaled to 1e30 forecasts ~1e30, which would square
+    into infinite scores. The smoke-test forward pass refuses it before anything is written."""
+    broken = Path(shutil.copytree(every_method["full"], tmp_path / "broken"))
+    weights = broken / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["head.weight"] *= 1e30
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    state = tmp_path / "state"
+    with _open(state, resident, trusted_keys=[keys["public"]]) as runtime:
+        with pytest.raises(ModelError, match="standard deviations on a flat input"):
+            runtime.install_bundle(bundle(broken, keys["trusted"], "1", 1))
+        assert not (state / "bundles").exists() and runtime.state.assets == {}
+        assert runtime.metrics.rejected_bundles == 1
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "adapter", "bitfit"])
+def test_served_models_hold_no_reference_cycles(
+    resident: ResidentBase, every_method: dict[str, Path], method: str
+) -> None:
+    """DeviceRuntime.settle freezes what is loaded at start-up out of the garbage collector's sight; that leaks
+    nothing only while a served model, once dropped (evicted), is freed by reference counting alone."""
+    import gc
+    import weakref
+
+    pool = SkeletonPool(resident)
+    served = load_torch_version(resident, every_method[method], asset_id="a", version="1", pool=pool)
+    served.score_all(ROWS)  # scoring caches things on the model: they must not form cycles either
+    model = weakref.ref(served.detector.model_.model)
+    gc.disable()
+    try:
+        del served
+        assert model() is None, f"a {method} served model survived its last reference: it holds a cycle"
+    finally:
+        gc.enable()
