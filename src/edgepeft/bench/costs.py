@@ -113,17 +113,21 @@ def _unique_nbytes(tensors: Any) -> int:
 
 
 def tensor_memory_probe(
-    model: nn.Module, series: np.ndarray, *, batch_size: int = 32, lr: float = 1e-3, seed: int = 0
+    model: nn.Module, series: np.ndarray, *, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+    micro_batch: int | None = None,
 ) -> TensorMemory:
     """One real training step of ``model`` on windows of ``series`` (T, C), exactly as ``adapt`` takes one.
 
-    The model is changed by the step: pass a fresh copy. A model with nothing trainable builds no autograd
-    graph, so it saves no activations and has no gradients or optimizer state.
+    With ``micro_batch`` the step runs as ``adapt`` runs it: the batch goes through the model a micro-batch at a
+    time, each part's graph freed by its backward pass before the next is built, so the activations reported
+    are the largest any one part saved. The model is changed by the step: pass a fresh copy. A model with
+    nothing trainable builds no autograd graph, so it saves no activations and has no gradients or optimizer
+    state.
     """
     import torch
 
     from edgepeft.data.windows import training_windows
-    from edgepeft.train.adapt import AdaptConfig, masked_mse
+    from edgepeft.train.adapt import AdaptConfig, patch_loss, target_count
     from edgepeft.train.masks import sample_hidden
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -131,35 +135,42 @@ def tensor_memory_probe(
     weight_ptrs = {t.untyped_storage().data_ptr() for t in weights}
     encoder = model.get_base_model() if hasattr(model, "get_base_model") else model
     rng = np.random.default_rng(seed)
-    defaults = AdaptConfig()
+    cfg = AdaptConfig(batch_size=batch_size, micro_batch=micro_batch)
     windows, pad = training_windows(series.astype(np.float32), batch_size, encoder.window_len, encoder.patch_len, rng)
-    hidden, target = sample_hidden(pad, rng, defaults.forecast_prob, defaults.mask_ratio)
-    saved: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        ptr = storage.data_ptr()
-        # A weight saved for backward (x @ W needs W) is resident anyway: it is not a training cost.
-        if ptr not in weight_ptrs:
-            saved[ptr] = max(saved.get(ptr, 0), storage.nbytes())
-        return tensor
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = masked_mse(model, torch.from_numpy(windows), torch.from_numpy(hidden), torch.from_numpy(target))
+    hidden, target = sample_hidden(pad, rng, cfg.forecast_prob, cfg.mask_ratio)
+    x, h, t = torch.from_numpy(windows), torch.from_numpy(hidden), torch.from_numpy(target)
+    total = target_count(t)
     parameter_bytes = _unique_nbytes(weights)
     trainable_bytes = _unique_nbytes(params)
-    if not params or not loss.requires_grad:
-        model.eval()
-        return TensorMemory(0, 0, 0, parameter_bytes, trainable_bytes)
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=lr) if params else None
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    peak_saved = 0
+    for part in cfg.chunks():
+        saved: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor, saved: dict[int, int] = saved) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            ptr = storage.data_ptr()
+            # A weight saved for backward (x @ W needs W) is resident anyway: it is not a training cost.
+            if ptr not in weight_ptrs:
+                saved[ptr] = max(saved.get(ptr, 0), storage.nbytes())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = patch_loss(model(x[part], h[part]), x[part], t[part], total)
+        if optimizer is None or not loss.requires_grad:
+            model.eval()
+            return TensorMemory(0, 0, 0, parameter_bytes, trainable_bytes)
+        peak_saved = max(peak_saved, sum(saved.values()))
+        loss.backward()
+    assert optimizer is not None
     grad_bytes = _unique_nbytes(p.grad for p in params if p.grad is not None)
     optimizer.step()
     state = [t for per_param in optimizer.state.values() for t in per_param.values() if torch.is_tensor(t)]
     model.eval()
-    return TensorMemory(sum(saved.values()), grad_bytes, _unique_nbytes(state), parameter_bytes, trainable_bytes)
+    return TensorMemory(peak_saved, grad_bytes, _unique_nbytes(state), parameter_bytes, trainable_bytes)
 
 
 @dataclass
@@ -172,6 +183,7 @@ class AdaptationSetup:
     batch_size: int
     lr: float
     seed: int
+    micro_batch: int | None = None
 
 
 def adaptation_setup(det: AnomalyDetector, train: np.ndarray, trains: bool = True) -> AdaptationSetup:
@@ -195,7 +207,7 @@ def adaptation_setup(det: AnomalyDetector, train: np.ndarray, trains: bool = Tru
         PeftMethod.freeze_all(model)  # zero-shot: nothing is trained, not even the channel tags
     lr = det.lr if det.lr is not None else method.default_lr
     return AdaptationSetup(model, scaled[: len(values) - n_calib].astype(np.float32), det.steps, det.batch_size,
-                           lr, det.seed)
+                           lr, det.seed, getattr(det, "micro_batch", None))
 
 
 def training_tensor_memory(det: Detector, train: np.ndarray, trains: bool) -> TensorMemory | None:
@@ -203,7 +215,8 @@ def training_tensor_memory(det: Detector, train: np.ndarray, trains: bool) -> Te
     if not is_edgepeft(det):
         return None
     setup = adaptation_setup(det, train, trains)  # type: ignore[arg-type]
-    return tensor_memory_probe(setup.model, setup.fit_rows, batch_size=setup.batch_size, lr=setup.lr, seed=setup.seed)
+    return tensor_memory_probe(setup.model, setup.fit_rows, batch_size=setup.batch_size, lr=setup.lr, seed=setup.seed,
+                               micro_batch=setup.micro_batch)
 
 
 # ---------------------------------------------------------------------------------------------- (b) process RSS
@@ -276,7 +289,8 @@ def _train_child(contender: Contender, train_path: str, threads: int | None) -> 
     from edgepeft.train.adapt import AdaptConfig, adapt
 
     setup = adaptation_setup(det, train, contender.trains)  # type: ignore[arg-type]
-    cfg = AdaptConfig(steps=setup.steps if contender.trains else 0, batch_size=setup.batch_size, seed=setup.seed)
+    cfg = AdaptConfig(steps=setup.steps if contender.trains else 0, batch_size=setup.batch_size, seed=setup.seed,
+                      micro_batch=setup.micro_batch)
     return _measure(lambda: adapt(setup.model, setup.fit_rows, cfg, lr=setup.lr))
 
 

@@ -92,6 +92,7 @@ class AnomalyDetector(CalibratedOutputs):
         peft_options: dict[str, Any] | None = None,
         channel_agg: str = "max",
         slow_channel_share: float | None = 0.3,
+        micro_batch: int | None = 8,
     ) -> None:
         self.base = base
         self.method = method
@@ -108,6 +109,7 @@ class AnomalyDetector(CalibratedOutputs):
         self.peft_options = peft_options
         self.channel_agg = channel_agg
         self.slow_channel_share = slow_channel_share
+        self.micro_batch = micro_batch
 
     # ------------------------------------------------------------------ validation
     def _check_params(self) -> None:
@@ -170,7 +172,8 @@ class AnomalyDetector(CalibratedOutputs):
         torch.manual_seed(self.seed)
         model = method.attach(base_model, self.peft_config_)
         lr = self.lr if self.lr is not None else method.default_lr
-        cfg = AdaptConfig(steps=self.steps, batch_size=self.batch_size, seed=self.seed)
+        # Micro-batches: the same update with a quarter of the activations held at once (see AdaptConfig).
+        cfg = AdaptConfig(steps=self.steps, batch_size=self.batch_size, seed=self.seed, micro_batch=self.micro_batch)
         started = time.perf_counter()
         result = adapt(model, scaled[:n_fit], cfg, lr=lr, progress=progress)
         self.adapt_seconds_ = time.perf_counter() - started
@@ -399,6 +402,7 @@ class AnomalyDetector(CalibratedOutputs):
             params = dict(state["params"])
             params.setdefault("channel_agg", "mean")  # saved before max became the default
             params.setdefault("slow_channel_share", None)
+            params.setdefault("micro_batch", None)  # fitted in one pass per step
             det = cls(**params)
             det.base = state["base"]
             det.channels_ = list(state["channels"])
@@ -453,6 +457,7 @@ class AnomalyDetector(CalibratedOutputs):
             "peft_options": copy.deepcopy(self.peft_options),
             "channel_agg": self.channel_agg,
             "slow_channel_share": self.slow_channel_share,
+            "micro_batch": self.micro_batch,
         }
 
     def info(self, directory: str | Path | None = None) -> dict[str, Any]:

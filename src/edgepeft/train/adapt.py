@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +46,11 @@ class AdaptConfig:
             the frozen temporal features of every training window once and train on the channel
             blocks only (forecast and blind patterns, exactly the two the detector scores with).
         max_cached_windows: at most this many windows are cached (evenly spaced over the series).
+        micro_batch: windows per forward/backward pass. A step still uses the whole batch: its gradient is
+            accumulated over passes of at most this many windows (the same gradient, up to float rounding),
+            so the activations held for backward are those of one micro-batch. None: the whole batch in one
+            pass. Trades a little speed for memory, and most for PEFT, whose training memory is almost all
+            activations (full fine-tuning also holds gradients and optimizer state for every weight).
     """
 
     steps: int = 150
@@ -58,10 +63,18 @@ class AdaptConfig:
     seed: int = 0
     cache_features: bool = True
     max_cached_windows: int = 2048
+    micro_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
             raise ConfigError("steps must be >= 0 and batch_size >= 1")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ConfigError(f"micro_batch must be >= 1 (or None for the whole batch), got {self.micro_batch}")
+
+    def chunks(self) -> list[slice]:
+        """The windows of a batch, one slice per forward/backward pass."""
+        size = self.batch_size if self.micro_batch is None else min(self.micro_batch, self.batch_size)
+        return [slice(start, start + size) for start in range(0, self.batch_size, size)]
 
 
 @dataclass
@@ -86,12 +99,23 @@ def warmup_cosine(step: int, total: int, warmup_share: float = 0.1, floor: float
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def patch_loss(recon: torch.Tensor, windows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the target patches only. recon, windows (B, L, C); target (B, C, N)."""
+def patch_loss(
+    recon: torch.Tensor, windows: torch.Tensor, target: torch.Tensor, denominator: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared error over the target patches only. recon, windows (B, L, C); target (B, C, N).
+
+    ``denominator`` is the target count of the whole batch when this is one micro-batch of it (see
+    :func:`target_count`): the micro-batch losses then add up to the batch's loss, and so do their gradients.
+    """
     batch, _, n_channels = windows.shape
     err = ((recon - windows) ** 2).transpose(1, 2).reshape(batch, n_channels, target.shape[-1], -1).mean(-1)
     weight = target.to(err.dtype)
-    return (err * weight).sum() / weight.sum().clamp(min=1.0)
+    return (err * weight).sum() / (target_count(target) if denominator is None else denominator)
+
+
+def target_count(target: torch.Tensor) -> torch.Tensor:
+    """How many patches a batch's loss averages over (at least one)."""
+    return target.to(torch.float32).sum().clamp(min=1.0)
 
 
 def masked_mse(model: nn.Module, windows: torch.Tensor, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -117,12 +141,15 @@ def adapt(
     if cfg.cache_features and getattr(encoder, "cacheable", False):
         return _adapt_cached(model, encoder, params, series, cfg, lr, rng, progress)
 
-    def batch_loss() -> torch.Tensor:
+    def step_losses() -> Iterator[torch.Tensor]:
         windows, pad = training_windows(series, cfg.batch_size, window_len, patch_len, rng)
         hidden, target = sample_hidden(pad, rng, cfg.forecast_prob, cfg.mask_ratio, cfg.blind_prob)
-        return masked_mse(model, torch.from_numpy(windows), torch.from_numpy(hidden), torch.from_numpy(target))
+        x, h, t = torch.from_numpy(windows), torch.from_numpy(hidden), torch.from_numpy(target)
+        total = target_count(t)
+        for part in cfg.chunks():
+            yield patch_loss(model(x[part], h[part]), x[part], t[part], total)
 
-    return _optimise(model, params, cfg, lr, batch_loss, progress)
+    return _optimise(model, params, cfg, lr, step_losses, progress)
 
 
 def _optimise(
@@ -130,25 +157,32 @@ def _optimise(
     params: list[nn.Parameter],
     cfg: AdaptConfig,
     lr: float,
-    batch_loss: Callable[[], torch.Tensor],
+    step_losses: Callable[[], Iterator[torch.Tensor]],
     progress: Callable[[int, float], None] | None,
 ) -> AdaptResult:
-    """The one optimisation loop: AdamW, warm-up + cosine, gradient clipping, one batch loss per step."""
+    """The one optimisation loop: AdamW, warm-up + cosine, gradient clipping, one batch per step.
+
+    ``step_losses()`` samples a step's batch and yields its loss one micro-batch at a time (parts that add up
+    to the batch loss); each part is back-propagated before the next is computed, so only one micro-batch's
+    activations are alive at once.
+    """
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, cfg.steps))
     result = AdaptResult(steps=cfg.steps, seconds=0.0)
     model.train()
     start = time.perf_counter()
     for step in range(cfg.steps):
-        loss = batch_loss()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for part in step_losses():
+            part.backward()
+            loss += part.item()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         schedule.step()
-        result.losses.append(loss.item())
+        result.losses.append(loss)
         if progress is not None:
-            progress(step + 1, loss.item())
+            progress(step + 1, loss)
     model.eval()
     result.seconds = time.perf_counter() - start
     return result
@@ -202,7 +236,7 @@ def _adapt_cached(
     pad_t = torch.from_numpy(pad)
     blind_share = cfg.blind_prob / max(cfg.blind_prob + cfg.forecast_prob, 1e-9) if n_channels > 1 else 0.0
 
-    def batch_loss() -> torch.Tensor:
+    def step_losses() -> Iterator[torch.Tensor]:
         index = torch.from_numpy(rng.integers(0, n_windows, size=cfg.batch_size))
         feat, mean, std = feats[index].clone(), mean_all[index].clone(), std_all[index].clone()
         target = torch.zeros(cfg.batch_size, n_channels, n_patches, dtype=torch.bool)
@@ -215,6 +249,8 @@ def _adapt_cached(
             std[blind_rows, blind_channels] = 1.0
             target[blind_rows, blind_channels] = True
         target &= ~pad_t[index]
-        return patch_loss(encoder.mix(feat, mean, std), targets_all[index], target)
+        windows, total = targets_all[index], target_count(target)
+        for part in cfg.chunks():
+            yield patch_loss(encoder.mix(feat[part], mean[part], std[part]), windows[part], target[part], total)
 
-    return _optimise(model, params, cfg, lr, batch_loss, progress)
+    return _optimise(model, params, cfg, lr, step_losses, progress)
