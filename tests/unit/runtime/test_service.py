@@ -282,6 +282,10 @@ def test_bundle_versions_are_kept_as_the_verified_file(
         assert runtime.rollback(ASSET)["active"] == "1"  # the operator's way out: the previous version
         np.testing.assert_array_equal(runtime.score(ASSET, ROWS)[1]["score"], offline[0])
         assert "edgepeft_load_failures_total 1" in runtime.metrics.render()
+        (state / "bundles" / ASSET / "1.edelta").unlink()
+        runtime.cache.discard((ASSET, "1"))
+        with pytest.raises(ArtifactError, match="cannot be read"):
+            runtime.score(ASSET, ROWS)
 
 
 def test_a_bundle_that_fails_its_load_leaves_no_file(
