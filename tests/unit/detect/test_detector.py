@@ -139,6 +139,22 @@ def test_cached_scoring_equals_full_forward(fitted: AnomalyDetector, monkeypatch
     np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cacheable", [True, False])
+def test_scores_do_not_depend_on_how_many_windows_go_through_at_once(
+    fitted: AnomalyDetector, monkeypatch, cacheable: bool
+) -> None:
+    """The channel budget only sets the size of each forward pass (memory), never the numbers."""
+    _, test, _ = _with_fault()
+    scaled = fitted._prepare(test)
+    if not cacheable:
+        encoder = fitted.method_.encoder(fitted.model_)
+        monkeypatch.setattr(type(encoder), "cacheable", property(lambda self: False))
+    one_window = fitted._row_errors(scaled, channel_budget=1)
+    many = fitted._row_errors(scaled, channel_budget=1 << 16)
+    np.testing.assert_allclose(fitted._row_errors(scaled), many, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(one_window, many, rtol=1e-5, atol=1e-6)
+
+
 def test_every_block_can_be_adapted() -> None:
     train, test, labels = _with_fault()
     det = AnomalyDetector(base="tiny", method="lora", rank=4, steps=20, peft_options={"adapt_last": None}).fit(train)
