@@ -42,7 +42,7 @@ from pydantic import BaseModel, Field, ValidationError
 from edgepeft.core.errors import ArtifactError, ConfigError, DataError, EdgePeftError, ModelError, OutputError
 from edgepeft.runtime.metrics import Metrics
 from edgepeft.runtime.service import DeviceRuntime
-from edgepeft.runtime.state import TOKEN_FILE, ConflictError, UnknownAssetError
+from edgepeft.runtime.state import TOKEN_FILE, ConflictError, DamagedVersionError, UnknownAssetError
 
 TOKEN_ENV = "EDGEPEFT_TOKEN"
 MIN_TOKEN_CHARS = 16
@@ -183,6 +183,8 @@ def _status(exc: EdgePeftError) -> int:
         return 409
     if isinstance(exc, BundleError):
         return 400
+    if isinstance(exc, DamagedVersionError):
+        return 503  # this device's storage failed for that version, not the request
     if isinstance(exc, DataError | ModelError | ArtifactError):
         return 422
     if isinstance(exc, ConfigError):

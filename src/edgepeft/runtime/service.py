@@ -53,6 +53,7 @@ from edgepeft.runtime.resident import (
 )
 from edgepeft.runtime.state import (
     AssetRecord,
+    DamagedVersionError,
     RuntimeState,
     StateStore,
     UnknownAssetError,
@@ -566,7 +567,7 @@ class DeviceRuntime:
                 # checked against state.json), so parsing and decoding is all that is left.
                 files = bundle_files(read_bundle(data))
             except BundleError as exc:
-                raise ArtifactError(f"{where}: {exc}") from None
+                raise DamagedVersionError(f"{where}: {exc}") from None
             return SavedDetector.from_bundle(files, str(where))
         return SavedDetector.from_directory(self.store.version_dir(asset_id, record.version))
 

@@ -175,6 +175,11 @@ class RuntimeState:
                                 "--state directory") from exc
 
 
+class DamagedVersionError(ArtifactError):
+    """An installed version whose stored bundle no longer reads back as installed (HTTP 503): the device's own
+    storage failed, not the request. Reinstalling that version's bundle, or rolling back, is the way out."""
+
+
 class UnknownAssetError(ConfigError):
     """An asset or version that this device does not have (HTTP 404)."""
 
@@ -249,10 +254,10 @@ class StateStore:
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise ArtifactError(f"{path} of installed version {asset_id} {record.version} cannot be read "
+            raise DamagedVersionError(f"{path} of installed version {asset_id} {record.version} cannot be read "
                                 f"({exc.strerror or exc}); reinstall that version's bundle") from None
         if hashlib.sha256(data).hexdigest() != record.bundle_sha256:
-            raise ArtifactError(f"{path} no longer matches the bundle installed as {asset_id} {record.version} "
+            raise DamagedVersionError(f"{path} no longer matches the bundle installed as {asset_id} {record.version} "
                                 "(sha256 differs): it was modified on disk; reinstall that version's bundle")
         return data
 

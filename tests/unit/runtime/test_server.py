@@ -167,6 +167,18 @@ def test_restart_serves_the_same_versions(
         rolled = httpx.post(f"{again.url}/v1/assets/{ASSET}/rollback", headers=again.auth).json()
         assert rolled["active"] == "1"
         np.testing.assert_allclose(_score(again).json()["score"], offline[0]["score"], rtol=1e-6)
+    # The active version's stored bundle damaged on disk: the device still starts and serves its other assets;
+    # this one answers 503 (the device's storage failed, not the request) with the reason.
+    stored = server.state_dir / "bundles" / ASSET / "1.edelta"
+    damaged = bytearray(stored.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01
+    stored.write_bytes(bytes(damaged))
+    with ServerProcess(server.state_dir, token=TOKEN, args=server.args) as third:
+        answer = _score(third)
+        assert answer.status_code == 503, answer.text
+        assert "modified on disk" in answer.json()["detail"]
+        assert httpx.get(f"{third.url}/health").json()["status"] == "ok"
+        assert _score(third, asset="pump-load").status_code == 200
 
 
 def _files(root: Path) -> dict[str, bytes]:
