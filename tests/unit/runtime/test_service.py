@@ -383,3 +383,21 @@ def test_served_models_hold_no_reference_cycles(
         assert model() is None, f"a {method} served model survived its last reference: it holds a cycle"
     finally:
         gc.enable()
+
+
+def test_the_onnx_engine_serves_lora_straight_from_a_stored_bundle(
+    tmp_path: Path, resident: ResidentBase, versions: list[Path], keys: dict[str, object]
+) -> None:
+    """The ONNX engine reads the adapter's config and tensors from the decoded bundle too, before and after a
+    restart (when they come back from the stored file)."""
+    state = tmp_path / "state"
+    offline = AnomalyDetector.load(versions[0]).score_all(ROWS)["score"]
+    config = {"engine": "onnx", "trusted_keys": [keys["public"]]}
+    with _open(state, resident, **config) as runtime:
+        answer = runtime.install_bundle(bundle(versions[0], keys["trusted"], "1", 1))
+        assert answer["engine"] == "onnx"
+        np.testing.assert_allclose(runtime.score(ASSET, ROWS)[1]["score"], offline, rtol=1e-4, atol=1e-5)
+    with _open(state, resident, **config) as runtime:
+        served, result = runtime.score(ASSET, ROWS)
+        assert served.engine == "onnx"
+        np.testing.assert_allclose(result["score"], offline, rtol=1e-4, atol=1e-5)
