@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepeft.core.config import SCHEMA_VERSION, atomic_write_bytes, read_json
-from edgepeft.core.errors import ArtifactError, ConfigError
+from edgepeft.core.errors import ArtifactError, ConfigError, OutputError
 
 STATE_FILE = "state.json"
 BUNDLES_DIR = "bundles"
@@ -233,19 +233,24 @@ class StateStore:
         then its directory entry) and the file is on disk before the commit that refers to it.
         """
         path = self.bundle_path(asset_id, version)
-        if not path.parent.is_dir():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(path.parent.parent)  # a new asset's folder: its entry must survive too
-            _fsync_dir(path.parent.parent.parent)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _fsync_dir(path.parent)
+            if not path.parent.is_dir():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(path.parent.parent)  # a new asset's folder: its entry must survive too
+                _fsync_dir(path.parent.parent.parent)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise OutputError(f"cannot store the bundle in {path.parent} ({exc.strerror or exc}); nothing was "
+                              "installed, free space on the device or fix the state directory, then retry") from exc
         return path
 
     def read_bundle(self, asset_id: str, record: VersionRecord) -> bytes:
@@ -291,7 +296,11 @@ class StateStore:
         it with ``python -m json.tool`` to read it.
         """
         payload = {"schema_version": SCHEMA_VERSION, **state.to_dict()}
-        atomic_write_bytes(self.state_file, json.dumps(payload, sort_keys=True, separators=(",", ":")).encode())
+        try:
+            atomic_write_bytes(self.state_file, json.dumps(payload, sort_keys=True, separators=(",", ":")).encode())
+        except OSError as exc:  # the old state.json is untouched (temp file + rename)
+            raise OutputError(f"cannot write {self.state_file} ({exc.strerror or exc}); the device state is "
+                              "unchanged, free space on the device or fix the state directory, then retry") from exc
 
 
 def _fsync_dir(path: Path) -> None:

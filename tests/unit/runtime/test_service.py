@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from edgepeft.core.errors import ArtifactError, ConfigError, ModelError
+from edgepeft.core.errors import ArtifactError, ConfigError, ModelError, OutputError
 from edgepeft.delta import BundleError
 from edgepeft.detect.detector import AnomalyDetector
 from edgepeft.models.registry import state_sha256
@@ -401,3 +401,33 @@ def test_the_onnx_engine_serves_lora_straight_from_a_stored_bundle(
         served, result = runtime.score(ASSET, ROWS)
         assert served.engine == "onnx"
         np.testing.assert_allclose(result["score"], offline, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("failing_fsync", [1, 3])  # 1: the bundle file; 3: the new state.json
+def test_a_full_disk_fails_the_install_cleanly(
+    tmp_path: Path, resident: ResidentBase, versions: list[Path], keys: dict[str, object], monkeypatch,
+    failing_fsync: int,
+) -> None:
+    """An install that cannot write (disk full) is a clear OutputError, and the device is exactly as before."""
+    import errno
+    import os
+
+    state = tmp_path / "state"
+    with _open(state, resident, trusted_keys=[keys["public"]]) as runtime:
+        runtime.install_bundle(bundle(versions[0], keys["trusted"], "1", 1))
+        snapshot = _tree(state)
+        real_fsync, calls = os.fsync, []
+
+        def fsync(fd: int) -> None:
+            calls.append(fd)
+            if len(calls) == failing_fsync:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        with pytest.raises(OutputError, match="No space left on device"):
+            runtime.install_bundle(bundle(versions[1], keys["trusted"], "2", 2))
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        assert _tree(state) == snapshot and runtime.state.asset(ASSET).active == "1"
+        runtime.install_bundle(bundle(versions[1], keys["trusted"], "2", 2))  # space again: it installs
+        assert runtime.state.asset(ASSET).active == "2"
