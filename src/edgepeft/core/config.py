@@ -32,6 +32,15 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**data)
 
 
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a directory's entries to disk: a new or renamed file survives power loss only after this."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], payload: bytes) -> None:
     """Write-to-temp, fsync, rename: a reader sees the old file or the new one, never half of one."""
     path = Path(path)
@@ -47,12 +56,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], payload: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    # fsync the directory so the rename itself survives power loss.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)  # so the rename itself survives power loss
 
 
 def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgepeft.core.config import atomic_write_bytes, read_json, write_json
+from edgepeft.core.config import atomic_write_bytes, fsync_dir, read_json, write_json
 from edgepeft.core.errors import OutputError
 from edgepeft.delta.bundle import SUFFIX, Bundle, check_payload, read_bundle, seal_bundle
 from edgepeft.delta.errors import BundleError
@@ -247,10 +247,10 @@ def unpack_bundle(bundle: Bundle, out_dir: str | os.PathLike[str], *, durable: b
             _write(adapter_dir / name, blob, durable)
         write_json(staging / DETECTOR_FILE, state)  # atomic and fsynced by itself
         if durable:
-            _fsync_dir(adapter_dir)
+            fsync_dir(adapter_dir)
         _swap_in(staging, target)
         if durable:
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise OutputError(f"cannot write detector to {target} ({exc.strerror or exc})") from exc
@@ -284,13 +284,6 @@ def _write(path: Path, blob: bytes, durable: bool) -> None:
             handle.flush()
             os.fsync(handle.fileno())
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _swap_in(staging: Path, target: Path) -> None:

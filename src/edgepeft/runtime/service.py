@@ -41,6 +41,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from edgepeft.core.config import fsync_dir
 from edgepeft.core.errors import ArtifactError, ConfigError, ModelError
 from edgepeft.runtime.cache import AdapterCache
 from edgepeft.runtime.metrics import Metrics
@@ -485,7 +486,7 @@ class DeviceRuntime:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(prepared, target)
             moved = True
-            _fsync_dir(target.parent)  # the rename must be on disk before state.json names the version
+            fsync_dir(target.parent)  # the rename must be on disk before state.json names the version
             served = self._load_checked(SavedDetector.from_directory(target), asset_id, version, release)
             return self._commit_install(served, asset_id=asset_id, version=version, release=release,
                                         digest="local", manifest={}, stored="directory", activate=activate,
@@ -599,13 +600,6 @@ class DeviceRuntime:
                              "input (non-finite or absurd); it was not installed")
         return served
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:

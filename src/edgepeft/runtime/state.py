@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgepeft.core.config import SCHEMA_VERSION, atomic_write_bytes, read_json
+from edgepeft.core.config import SCHEMA_VERSION, atomic_write_bytes, fsync_dir, read_json
 from edgepeft.core.errors import ArtifactError, ConfigError, OutputError
 
 STATE_FILE = "state.json"
@@ -236,8 +236,8 @@ class StateStore:
         try:
             if not path.parent.is_dir():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _fsync_dir(path.parent.parent)  # a new asset's folder: its entry must survive too
-                _fsync_dir(path.parent.parent.parent)
+                fsync_dir(path.parent.parent)  # a new asset's folder: its entry must survive too
+                fsync_dir(path.parent.parent.parent)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 view = memoryview(data)
@@ -246,7 +246,7 @@ class StateStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except OSError as exc:
             path.unlink(missing_ok=True)
             raise OutputError(f"cannot store the bundle in {path.parent} ({exc.strerror or exc}); nothing was "
@@ -302,10 +302,3 @@ class StateStore:
             raise OutputError(f"cannot write {self.state_file} ({exc.strerror or exc}); the device state is "
                               "unchanged, free space on the device or fix the state directory, then retry") from exc
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
