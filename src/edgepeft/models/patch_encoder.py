@@ -289,6 +289,14 @@ class PatchEncoder(nn.Module):
         hidden = torch.ones(1, 1, cfg.n_patches, dtype=torch.bool)
         return self.temporal_features(x, hidden)[0][0, 0]
 
+    def temporal_tensors(self) -> list[torch.Tensor]:
+        """Every parameter and buffer that :meth:`temporal_features` reads: where this model's temporal half
+        shares storage with a base's, it computes exactly what that base's temporal half computes."""
+        tensors = [self.mask_token, self.pos_embed]
+        for module in (self.patch_embed, self.stat_embed, self.blocks):
+            tensors += [*module.parameters(), *module.buffers()]
+        return tensors
+
     @property
     def cacheable(self) -> bool:
         """True when nothing before the channel blocks trains: temporal features can be computed once."""

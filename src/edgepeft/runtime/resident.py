@@ -75,6 +75,7 @@ class ResidentBase:
             t.untyped_storage().data_ptr() for t in module.state_dict().values() if t.numel() > 0
         }
         self._lock = threading.Lock()
+        self._smoke: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def load(cls, name: str) -> ResidentBase:
@@ -92,6 +93,25 @@ class ResidentBase:
     def aliases(self, tensor: torch.Tensor) -> bool:
         """True when ``tensor`` shares storage with a base tensor (writing it would change the base)."""
         return tensor.numel() > 0 and tensor.untyped_storage().data_ptr() in self._storages
+
+    def smoke_input(self, n_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The smoke test's input: a flat window (zeros, the asset's mean) whose last patch is forecast."""
+        window, patch = self.window_len, self.patch_len
+        hidden = torch.zeros(1, n_channels, window // patch, dtype=torch.bool)
+        hidden[..., -1] = True
+        return torch.zeros(1, window, n_channels), hidden
+
+    def smoke_features(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The base's temporal features of one channel of :meth:`smoke_input`, computed once.
+
+        The temporal half is channel-independent and the input is the same in every channel, so these serve
+        any channel count; a model whose temporal half is this base's computes exactly them.
+        """
+        if self._smoke is None:  # a race only computes the same constant twice
+            x, hidden = self.smoke_input(1)
+            with torch.inference_mode():
+                self._smoke = self.module.temporal_features(x, hidden)
+        return self._smoke
 
     def current_sha256(self) -> str:
         """Hash the weights now; equal to :attr:`sha256` unless something wrote into the shared base."""
@@ -217,6 +237,7 @@ class Skeleton:
     model: nn.Module
     load: DeltaLoader
     private_bytes: int
+    temporal_is_base: bool = False
 
     @classmethod
     def build(cls, resident: ResidentBase, config: PeftConfig, n_channels: int) -> Skeleton:
@@ -225,7 +246,15 @@ class Skeleton:
         # Served models are frozen and in eval mode; both walk the module tree, so they happen here, ahead.
         model.requires_grad_(False)
         model.eval()
-        return cls(model, load, resident.private_bytes(model))
+        return cls(model, load, resident.private_bytes(model), temporal_is_base(resident, model))
+
+
+def temporal_is_base(resident: ResidentBase, model: nn.Module) -> bool:
+    """True when every tensor of the model's temporal half aliases the resident base: the adapter changes only
+    the channel blocks and the head (the default, ``adapt_last=1``). A method that adapts a temporal block adds
+    or clones tensors there (LoRA matrices, prefixes, BitFit's biases, adapters), so it gets False."""
+    tensors = [tensor for tensor in PeftMethod.encoder(model).temporal_tensors() if tensor.numel() > 0]
+    return bool(tensors) and all(resident.aliases(tensor) for tensor in tensors)
 
 
 def build_torch_model(
@@ -378,11 +407,12 @@ class FrozenModel:
     no-op here. Inference mode skips autograd bookkeeping that ``no_grad`` still does.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, temporal_is_base: bool = False) -> None:
         if model.training:  # a skeleton is put in eval mode when built; walking the tree again costs an install
             model.eval()
         self.model = model
         self.encoder = PeftMethod.encoder(model)
+        self.temporal_is_base = temporal_is_base
         self._blank: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -472,7 +502,7 @@ def load_torch_version(
     loaded = build_torch_model(resident, saved, skeleton)
     if pool is not None:
         pool.want(det.peft_config_, det.n_channels_)
-    det.model_ = FrozenModel(loaded.model)
+    det.model_ = FrozenModel(loaded.model, temporal_is_base=loaded.temporal_is_base)
     det.method_ = get_method(det.peft_config_.method)
     return ServingModel(
         asset_id=asset_id,
@@ -484,3 +514,22 @@ def load_torch_version(
         private_bytes=loaded.private_bytes + MODEL_OVERHEAD_BYTES,
         note=note,
     )
+
+
+def smoke_forecast(resident: ResidentBase, served: ServingModel) -> torch.Tensor:
+    """(1, L, C) forecast of a served model on :meth:`ResidentBase.smoke_input`: what an install's smoke test checks.
+
+    A torch model whose temporal half is the resident base's (:func:`temporal_is_base`) starts from the base's
+    cached features of that input and runs only its own half (channel blocks, head): the same numbers as the
+    full forward pass, for a third of its cost. Any other model (ONNX, temporal adapters, full fine-tuning)
+    runs the full forward pass.
+    """
+    model = served.detector.model_
+    channels = served.n_channels
+    if isinstance(model, FrozenModel) and model.temporal_is_base:
+        seq, mean, std = resident.smoke_features()
+        with torch.inference_mode():
+            return model.encoder.mix(seq.expand(1, channels, -1, -1), mean.expand(1, channels),
+                                     std.expand(1, channels))
+    x, hidden = resident.smoke_input(channels)
+    return model(x, hidden)

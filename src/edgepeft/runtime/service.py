@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 from edgepeft.core.config import fsync_dir
 from edgepeft.core.errors import ArtifactError, ConfigError, ModelError
@@ -51,6 +50,7 @@ from edgepeft.runtime.resident import (
     ServingModel,
     SkeletonPool,
     load_torch_version,
+    smoke_forecast,
 )
 from edgepeft.runtime.state import (
     AssetRecord,
@@ -578,19 +578,17 @@ class DeviceRuntime:
         What a new version brings is checked where it enters: the detector's numbers (scaler, channel errors,
         evidence weights, threshold, calibrator) when they are read, the adapter's weights for NaN/inf when they
         are loaded, and here the one thing that cannot be checked by looking: what the adapted model computes.
-        One forward pass over a window whose last patch is forecast from the rest runs every module (patch and
-        statistics embeddings, temporal and channel blocks, head); its forecast must be finite and within
-        ``MAX_FORECAST`` standard deviations, else the squared errors would overflow into infinite scores.
+        One forward pass over a window whose last patch is forecast from the rest runs every module the adapter
+        changed (:func:`smoke_forecast`: a temporal half that is the resident base's starts from the base's
+        cached features); its forecast must be finite and within ``MAX_FORECAST`` standard deviations, else the
+        squared errors would overflow into infinite scores.
         """
         if saved.detector.base != self.resident.name:
             raise ModelError(f"adapter is for base {saved.detector.base!r}; this device serves "
                              f"{self.resident.name!r}")
         served = self.engine.load(saved, asset_id=asset_id, version=version, release=release)
-        window, patch = self.resident.window_len, self.resident.patch_len
-        channels = served.n_channels
-        hidden = torch.zeros(1, channels, window // patch, dtype=torch.bool)
-        hidden[..., -1] = True
-        forecast = served.detector.model_(torch.zeros(1, window, channels), hidden)
+        window, channels = self.resident.window_len, served.n_channels
+        forecast = smoke_forecast(self.resident, served)
         if tuple(forecast.shape) != (1, window, channels):
             raise ModelError(f"adapter {asset_id} {version} computes a {tuple(forecast.shape)} output, expected "
                              f"{(1, window, channels)}; it was not installed")

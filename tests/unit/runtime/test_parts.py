@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from edgepeft.core.errors import ArtifactError, ConfigError
 from edgepeft.runtime.cache import AdapterCache
@@ -119,3 +120,41 @@ def test_runtime_config_refuses_non_positive_worker_counts(tmp_path: Path, field
 
     with pytest.raises(ConfigError, match=field):
         RuntimeConfig(state_dir=tmp_path, **{field: 0})
+
+
+def test_smoke_forecast_equals_the_full_forward_pass_for_every_method(every_method: dict[str, Path]) -> None:
+    """The install smoke test's shortcut (the base's cached temporal features) computes what the model computes."""
+    from edgepeft.peft import get_method
+    from edgepeft.runtime.resident import ResidentBase, load_torch_version, smoke_forecast
+
+    resident = ResidentBase.load("tiny")
+    for method, directory in every_method.items():
+        served = load_torch_version(resident, directory, asset_id="a", version="1")
+        model = served.detector.model_
+        # The default adapts the last (channel) block only; full fine-tuning and scratch own every tensor.
+        assert model.temporal_is_base is (not get_method(method).trains_base), method
+        x, hidden = resident.smoke_input(served.n_channels)
+        torch.testing.assert_close(smoke_forecast(resident, served), model(x, hidden), rtol=1e-5, atol=1e-6)
+
+
+def test_smoke_forecast_runs_an_adapted_temporal_half(tmp_path: Path) -> None:
+    """An adapter in the temporal blocks is seen as such, so its smoke test runs them (the shortcut would not)."""
+    from edgepeft.detect.detector import AnomalyDetector
+    from edgepeft.runtime.loadtest import series
+    from edgepeft.runtime.resident import ResidentBase, load_torch_version, smoke_forecast
+
+    det = AnomalyDetector(base="tiny", method="lora", rank=4, steps=2, peft_options={"adapt_last": None})
+    det.fit(series(400, seed=0, period=25.0))
+    with torch.no_grad():
+        for name, param in det.model_.named_parameters():
+            if "lora_B" in name and name.split("base_model.model.")[-1].startswith("blocks."):
+                param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    resident = ResidentBase.load("tiny")
+    served = load_torch_version(resident, det.save(tmp_path / "temporal"), asset_id="a", version="1")
+    model = served.detector.model_
+    assert model.temporal_is_base is False
+    x, hidden = resident.smoke_input(served.n_channels)
+    full = model(x, hidden)
+    torch.testing.assert_close(smoke_forecast(resident, served), full)
+    model.temporal_is_base = True  # what a wrong check would do: the base's features, not the adapter's
+    assert not torch.allclose(smoke_forecast(resident, served), full, atol=1e-4)
