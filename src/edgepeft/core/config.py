@@ -43,6 +43,15 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike[str], payload: bytes) -> None:
     """Write-to-temp, fsync, rename: a reader sees the old file or the new one, never half of one."""
+    replace_durably(stage_bytes(path, payload), path)
+
+
+def stage_bytes(path: str | os.PathLike[str], payload: bytes) -> Path:
+    """The first half of :func:`atomic_write_bytes`: ``payload`` in a durable temp file beside ``path``.
+
+    Nothing reads it until :func:`replace_durably` renames it over ``path``; until then it can be dropped
+    (``unlink``) and ``path`` is as before. Split so a caller can stage while it still checks what it writes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -51,12 +60,20 @@ def atomic_write_bytes(path: str | os.PathLike[str], payload: bytes) -> None:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
-    fsync_dir(path.parent)  # so the rename itself survives power loss
+    return Path(tmp)
+
+
+def replace_durably(staged: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """The second half of :func:`atomic_write_bytes`: rename a staged file over ``path`` and make it stick."""
+    try:
+        os.replace(staged, path)
+    except BaseException:
+        Path(staged).unlink(missing_ok=True)
+        raise
+    fsync_dir(Path(path).parent)  # so the rename itself survives power loss
 
 
 def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:

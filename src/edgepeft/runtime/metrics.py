@@ -69,6 +69,7 @@ class Metrics:
         self.installs = 0
         self.rejected_bundles = 0
         self.load_failures = 0
+        self.unconfirmed_commits = 0
         self.rows_scored = 0
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
@@ -86,7 +87,7 @@ class Metrics:
 
     def count(self, name: str, amount: int = 1) -> None:
         """Increment one of the plain counters (``installs``, ``rejected_bundles``, ``load_failures``,
-        ``rows_scored``)."""
+        ``unconfirmed_commits``, ``rows_scored``)."""
         with self._lock:
             setattr(self, name, getattr(self, name) + amount)
 
@@ -125,6 +126,8 @@ class Metrics:
                  self.rejected_bundles),
                 ("edgepeft_load_failures_total", "Installed versions that failed to load at start-up (damaged "
                  "on disk).", self.load_failures),
+                ("edgepeft_unconfirmed_commits_total", "State changes made live whose flush to disk failed (they "
+                 "may not survive a power cut).", self.unconfirmed_commits),
                 ("edgepeft_rows_scored_total", "Rows scored.", self.rows_scored),
             ):
                 lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]

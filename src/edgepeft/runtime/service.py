@@ -401,23 +401,28 @@ class DeviceRuntime:
                 if activate:
                     result.update(self._activate_locked(asset_id, version, started))
                 return result
+            path = self.store.bundle_path(asset_id, version)
+            prepared: Path | None = None
+            committed = False
             try:
                 # Loaded and smoke-tested from memory first: a bundle that fails never touches the disk.
                 saved = SavedDetector.from_bundle(bundle_files(bundle), f"bundle {asset_id} {version}")
                 served = self._load_checked(saved, asset_id, version, bundle.release)
-                path = self.store.write_bundle(asset_id, version, bytes(data))
-                try:
-                    return self._commit_install(
-                        served, asset_id=asset_id, version=version, release=bundle.release, digest=digest,
-                        manifest=_manifest_summary(bundle.manifest), stored="bundle", activate=activate,
-                        started=started,
-                    )
-                except BaseException:
-                    path.unlink(missing_ok=True)
-                    raise
+                new_state, record = self._installed_state(
+                    asset_id=asset_id, version=version, release=bundle.release, method=served.method,
+                    digest=digest, manifest=_manifest_summary(bundle.manifest), stored="bundle", activate=activate)
+                self.store.write_bundle(asset_id, version, bytes(data))
+                prepared = self.store.prepare(new_state)
+                self._commit(prepared)  # the commit point
+                committed = True
             except BaseException:
                 self.metrics.count("rejected_bundles")
+                if not committed:  # once state.json names the version, its bundle file must stay
+                    self.store.remove_bundle(path)
+                    if prepared is not None:
+                        self.store.discard(prepared)
                 raise
+            return self._swap_in(served, new_state, record, activate=activate, started=started)
 
     @_then_idle
     def install_directory(
@@ -460,7 +465,7 @@ class DeviceRuntime:
             rolled = record.rolled_back()
             self._model(rolled, rolled.active)  # load before the swap: requests must not wait on disk
             new_state = state.with_asset(rolled)
-            self.store.save(new_state)
+            self._commit(self.store.prepare(new_state))
             self._state = new_state
             seconds = time.perf_counter() - started
             self.metrics.observe_swap(seconds)
@@ -488,9 +493,11 @@ class DeviceRuntime:
             moved = True
             fsync_dir(target.parent)  # the rename must be on disk before state.json names the version
             served = self._load_checked(SavedDetector.from_directory(target), asset_id, version, release)
-            return self._commit_install(served, asset_id=asset_id, version=version, release=release,
-                                        digest="local", manifest={}, stored="directory", activate=activate,
-                                        started=started)
+            new_state, record = self._installed_state(
+                asset_id=asset_id, version=version, release=release, method=served.method, digest="local",
+                manifest={}, stored="directory", activate=activate)
+            self._commit(self.store.prepare(new_state))  # the commit point
+            return self._swap_in(served, new_state, record, activate=activate, started=started)
         except BaseException:
             if moved:
                 shutil.rmtree(target, ignore_errors=True)
@@ -498,24 +505,15 @@ class DeviceRuntime:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _commit_install(
-        self,
-        served: ServingModel,
-        *,
-        asset_id: str,
-        version: str,
-        release: int,
-        digest: str,
-        manifest: dict[str, Any],
-        stored: str,
-        activate: bool,
-        started: float,
-    ) -> dict[str, Any]:
-        """Record a loaded, checked version whose files are on disk: save state.json (the commit point), swap."""
+    def _installed_state(
+        self, *, asset_id: str, version: str, release: int, method: str, digest: str, manifest: dict[str, Any],
+        stored: str, activate: bool,
+    ) -> tuple[RuntimeState, AssetRecord]:
+        """The state once ``version`` is installed (and activated): what the install will commit."""
         state = self._state
         installed = state.assets.get(asset_id) or AssetRecord(asset_id=asset_id)
         version_record = VersionRecord(
-            version=version, release=release, method=served.method,
+            version=version, release=release, method=method,
             installed_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             bundle_sha256=digest, manifest=manifest, stored=stored,
         )
@@ -525,16 +523,21 @@ class DeviceRuntime:
         )
         if activate:
             record = record.activate(version)
-        new_state = state.with_asset(record)
-        self.store.save(new_state)  # the commit point
-        self.cache.put((asset_id, version), served)
+        return state.with_asset(record), record
+
+    def _swap_in(
+        self, served: ServingModel, new_state: RuntimeState, record: AssetRecord, *, activate: bool, started: float
+    ) -> dict[str, Any]:
+        """After the commit: keep the loaded version and switch requests to the new state."""
+        self.cache.put((record.asset_id, served.version), served)
         self._state = new_state  # the swap: one reference assignment
         seconds = time.perf_counter() - started
         self.metrics.count("installs")
         if activate:
             self.metrics.observe_swap(seconds)
-        return {"asset_id": asset_id, "version": version, "release": release, "method": served.method,
-                "engine": served.engine, "active": record.active, "install_seconds": seconds}
+        return {"asset_id": record.asset_id, "version": served.version, "release": served.release,
+                "method": served.method, "engine": served.engine, "active": record.active,
+                "install_seconds": seconds}
 
     def _activate_locked(self, asset_id: str, version: str, started: float) -> dict[str, Any]:
         state = self._state
@@ -543,13 +546,20 @@ class DeviceRuntime:
         served = self._model(record, version)  # validates the version and loads it before the swap
         if version != previous:
             new_state = state.with_asset(record.activate(version))
-            self.store.save(new_state)  # durable first: a restart must serve what requests were told
+            self._commit(self.store.prepare(new_state))  # durable first: a restart must serve what requests were told
             self._state = new_state  # the swap
         seconds = time.perf_counter() - started
         if version != previous:
             self.metrics.observe_swap(seconds)
         return {"asset_id": asset_id, "active": version, "previous": previous, "engine": served.engine,
                 "swap_seconds": seconds}
+
+    def _commit(self, prepared: Path) -> None:
+        """Commit a prepared state.json; a folder fsync that failed after the rename is logged and counted."""
+        if not self.store.commit(prepared):
+            self.metrics.count("unconfirmed_commits")
+            logger.warning("state.json was replaced but its folder could not be flushed to disk: the change is "
+                           "live but may not survive a power cut; check the device's storage")
 
     def _staging_root(self) -> Path:
         root = self.store.staging_dir()

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgepeft.core.config import SCHEMA_VERSION, atomic_write_bytes, fsync_dir, read_json
+from edgepeft.core.config import SCHEMA_VERSION, fsync_dir, read_json, stage_bytes
 from edgepeft.core.errors import ArtifactError, ConfigError, OutputError
 
 STATE_FILE = "state.json"
@@ -54,6 +55,10 @@ MAX_HISTORY = 32
 
 # Asset ids and versions become directory names: keep them to a portable, traversal-free alphabet.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _encode(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def check_name(value: str, what: str) -> str:
@@ -88,6 +93,15 @@ class VersionRecord:
     bundle_sha256: str
     manifest: dict[str, Any] = field(default_factory=dict)
     stored: str = "directory"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {item.name: getattr(self, item.name) for item in dataclasses.fields(self)}
+
+    @functools.cached_property
+    def encoded(self) -> str:
+        """This record as ``state.json`` writes it, encoded once: a record never changes, and re-encoding every
+        installed version on every install made writing the state grow with the device's history."""
+        return _encode(self.to_dict())
 
 
 @dataclass(frozen=True)
@@ -142,22 +156,21 @@ class RuntimeState:
         return dataclasses.replace(self, assets={**self.assets, record.asset_id: record})
 
     def to_dict(self) -> dict[str, Any]:
-        # Written out by hand rather than with dataclasses.asdict, which deep-copies every stored manifest:
-        # state.json is rewritten on every install and activation, and that copy was a visible share of it.
-        return {
-            "base": self.base,
-            "base_sha256": self.base_sha256,
-            "assets": {
-                asset_id: {
-                    "asset_id": record.asset_id,
-                    "active": record.active,
-                    "history": list(record.history),
-                    "release": record.release,
-                    "versions": {name: dict(vars(version)) for name, version in record.versions.items()},
-                }
-                for asset_id, record in self.assets.items()
-            },
-        }
+        return json.loads(self.to_json())
+
+    def to_json(self) -> str:
+        """``state.json``'s text: ``json.dumps(payload, sort_keys=True, separators=(",", ":"))`` of the state with
+        its ``schema_version``, assembled from each version's cached encoding (:attr:`VersionRecord.encoded`), so
+        an install encodes its own record only, however many versions the device keeps."""
+        assets = []
+        for asset_id in sorted(self.assets):
+            record = self.assets[asset_id]
+            versions = ",".join(f"{_encode(name)}:{record.versions[name].encoded}" for name in sorted(record.versions))
+            head = _encode({"active": record.active, "asset_id": record.asset_id, "history": list(record.history),
+                            "release": record.release})
+            assets.append(f'{_encode(asset_id)}:{head[:-1]},"versions":{{{versions}}}}}')
+        rest = _encode({"base": self.base, "base_sha256": self.base_sha256, "schema_version": SCHEMA_VERSION})
+        return f'{{"assets":{{{",".join(assets)}}},{rest[1:]}'
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RuntimeState:
@@ -253,6 +266,15 @@ class StateStore:
                               "installed, free space on the device or fix the state directory, then retry") from exc
         return path
 
+    def remove_bundle(self, path: Path) -> None:
+        """Remove a bundle file that was not committed, and the asset's folders if that leaves them empty."""
+        path.unlink(missing_ok=True)
+        for folder in (path.parent, path.parent.parent):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (other versions, other assets): kept
+                break
+
     def read_bundle(self, asset_id: str, record: VersionRecord) -> bytes:
         """The stored bundle of an installed version, refused unless it hashes to what was installed."""
         path = self.bundle_path(asset_id, record.version)
@@ -288,17 +310,47 @@ class StateStore:
             )
         return state
 
-    def save(self, state: RuntimeState) -> None:
-        """Atomically replace ``state.json`` (temp + fsync + rename).
+    def save(self, state: RuntimeState) -> bool:
+        """Atomically replace ``state.json`` (temp + fsync + rename + fsync of the folder); see :meth:`commit`."""
+        return self.commit(self.prepare(state))
 
-        Compact JSON: it is rewritten on every install and activation, and ``json.dumps`` with ``indent`` runs
-        the pure-Python encoder, several times slower than the C one on a state with many versions. Pretty-print
-        it with ``python -m json.tool`` to read it.
+    def prepare(self, state: RuntimeState) -> Path:
+        """Write ``state`` to a durable temp file beside ``state.json``; :meth:`commit` makes it the state.
+
+        Split from the commit so an install can write it while it still smoke-tests the new version, and
+        drop it (:meth:`discard`) if that fails. Compact JSON: it is rewritten on every install and activation,
+        and ``json.dumps`` with ``indent`` runs the pure-Python encoder, several times slower than the C one on
+        a state with many versions. Pretty-print it with ``python -m json.tool`` to read it.
         """
-        payload = {"schema_version": SCHEMA_VERSION, **state.to_dict()}
         try:
-            atomic_write_bytes(self.state_file, json.dumps(payload, sort_keys=True, separators=(",", ":")).encode())
-        except OSError as exc:  # the old state.json is untouched (temp file + rename)
-            raise OutputError(f"cannot write {self.state_file} ({exc.strerror or exc}); the device state is "
-                              "unchanged, free space on the device or fix the state directory, then retry") from exc
+            return stage_bytes(self.state_file, state.to_json().encode())
+        except OSError as exc:
+            raise self._write_error(exc) from exc
 
+    def commit(self, prepared: Path) -> bool:
+        """Make a :meth:`prepare`-d state the state: one rename (the commit point), then the folder's fsync.
+
+        A failed rename raises :class:`OutputError` and leaves the old ``state.json``. Once the rename is done the
+        new state is what every reader and a restart see, so a failing folder fsync cannot undo it: it returns
+        False (the change may not survive a power cut, in which case the device restarts on the previous,
+        equally consistent state) and the caller reports it.
+        """
+        try:
+            os.replace(prepared, self.state_file)
+        except OSError as exc:
+            prepared.unlink(missing_ok=True)
+            raise self._write_error(exc) from exc
+        try:
+            fsync_dir(self.root)
+        except OSError:
+            return False
+        return True
+
+    @staticmethod
+    def discard(prepared: Path) -> None:
+        """Drop a prepared state that will not be committed."""
+        prepared.unlink(missing_ok=True)
+
+    def _write_error(self, exc: OSError) -> OutputError:
+        return OutputError(f"cannot write {self.state_file} ({exc.strerror or exc}); the device state is "
+                           "unchanged, free space on the device or fix the state directory, then retry")

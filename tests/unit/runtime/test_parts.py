@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import stat
 import threading
 from pathlib import Path
@@ -84,6 +85,41 @@ def test_state_records_round_trip_and_refuse_another_base(tmp_path: Path) -> Non
         with pytest.raises(ConfigError):
             check_name(bad, "version")
     assert check_name("1.0.0-rc_1", "version") == "1.0.0-rc_1"
+
+
+def test_state_json_is_the_plain_json_encoding_of_the_state(tmp_path: Path) -> None:
+    """state.json is assembled from cached per-version encodings; it must be byte-identical to encoding the whole
+    state at once (sorted keys, compact), whatever the names, manifests and order of installation."""
+    import json
+
+    from edgepeft.runtime.state import SCHEMA_VERSION, VersionRecord
+
+    def plain(state: RuntimeState) -> str:
+        assets = {
+            asset_id: {"asset_id": r.asset_id, "active": r.active, "history": list(r.history), "release": r.release,
+                       "versions": {name: dataclasses.asdict(v) for name, v in r.versions.items()}}
+            for asset_id, r in state.assets.items()
+        }
+        payload = {"schema_version": SCHEMA_VERSION, "base": state.base, "base_sha256": state.base_sha256,
+                   "assets": assets}
+        return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+
+    state = RuntimeState(base="tiny", base_sha256="a" * 64)
+    assert state.to_json() == plain(state)
+    for number, asset_id in enumerate(["pump-2", "pump-10", "motör\"1", "a"]):
+        record = AssetRecord(asset_id=asset_id)
+        for version in ["10", "9", "1.0.0", "b"][: number + 1]:
+            manifest = {"z": [1, 2.5, None], "a": {"é": "\n", "b": True}, "signer": version}
+            record = dataclasses.replace(record, release=record.release + 1, versions={
+                **record.versions, version: VersionRecord(version, record.release + 1, "lora", "2026-01-01T00:00:00Z",
+                                                          "f" * 64, manifest, "bundle")})
+            record = record.activate(version)
+            state = state.with_asset(record)
+            assert state.to_json() == plain(state)
+    store = StateStore(tmp_path)
+    store.save(state)
+    assert (tmp_path / "state.json").read_text() == plain(state)
+    assert store.load(base="tiny", base_sha256="a" * 64) == state
 
 
 def test_token_from_file_env_or_generated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
