@@ -41,7 +41,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgepeft.core.config import fsync_dir
-from edgepeft.core.errors import ArtifactError, ConfigError, ModelError
+from edgepeft.core.errors import ArtifactError, ConfigError, ModelError, OutputError
 from edgepeft.runtime.cache import AdapterCache
 from edgepeft.runtime.metrics import Metrics
 from edgepeft.runtime.resident import (
@@ -221,6 +221,7 @@ class DeviceRuntime:
         """Finish the engine's background work and release the state directory (another runtime may open it)."""
         try:
             self.engine.close()
+            self._checkpoint()
         finally:
             self.store.release()
 
@@ -401,26 +402,19 @@ class DeviceRuntime:
                 if activate:
                     result.update(self._activate_locked(asset_id, version, started))
                 return result
-            path = self.store.bundle_path(asset_id, version)
-            prepared: Path | None = None
-            committed = False
             try:
                 # Loaded and smoke-tested from memory first: a bundle that fails never touches the disk.
                 saved = SavedDetector.from_bundle(bundle_files(bundle), f"bundle {asset_id} {version}")
                 served = self._load_checked(saved, asset_id, version, bundle.release)
                 new_state, record = self._installed_state(
                     asset_id=asset_id, version=version, release=bundle.release, method=served.method,
-                    digest=digest, manifest=_manifest_summary(bundle.manifest), stored="bundle", activate=activate)
-                self.store.write_bundle(asset_id, version, bytes(data))
-                prepared = self.store.prepare(new_state)
-                self._commit(prepared)  # the commit point
-                committed = True
+                    digest=digest, manifest=_manifest_summary(bundle.manifest), stored="journal", activate=activate,
+                    offset=self.store.journal.next_bundle_offset(), length=len(data))
+                # The commit point: one record (the bundle and this asset's new record) appended to the install
+                # journal and flushed. state.json is rewritten at the next activation, rollback or shutdown.
+                self.store.append_install(new_state, asset_id, version, bytes(data))
             except BaseException:
                 self.metrics.count("rejected_bundles")
-                if not committed:  # once state.json names the version, its bundle file must stay
-                    self.store.remove_bundle(path)
-                    if prepared is not None:
-                        self.store.discard(prepared)
                 raise
             return self._swap_in(served, new_state, record, activate=activate, started=started)
 
@@ -507,7 +501,7 @@ class DeviceRuntime:
 
     def _installed_state(
         self, *, asset_id: str, version: str, release: int, method: str, digest: str, manifest: dict[str, Any],
-        stored: str, activate: bool,
+        stored: str, activate: bool, offset: int | None = None, length: int | None = None,
     ) -> tuple[RuntimeState, AssetRecord]:
         """The state once ``version`` is installed (and activated): what the install will commit."""
         state = self._state
@@ -515,7 +509,7 @@ class DeviceRuntime:
         version_record = VersionRecord(
             version=version, release=release, method=method,
             installed_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            bundle_sha256=digest, manifest=manifest, stored=stored,
+            bundle_sha256=digest, manifest=manifest, stored=stored, offset=offset, length=length,
         )
         record = dataclasses.replace(
             installed, release=max(installed.release, release),
@@ -561,18 +555,29 @@ class DeviceRuntime:
             logger.warning("state.json was replaced but its folder could not be flushed to disk: the change is "
                            "live but may not survive a power cut; check the device's storage")
 
+    def _checkpoint(self) -> None:
+        """Rewrite state.json to include every journal record, so it reads as the device's state again (and
+        start-up replays nothing). Best effort: the journal already holds everything."""
+        with self._write_lock:
+            if not self.store.behind_journal:
+                return
+            try:
+                self._commit(self.store.prepare(self._state))
+            except OutputError as exc:
+                logger.warning("state.json was not brought up to date at shutdown (%s); the journal has it all", exc)
+
     def _staging_root(self) -> Path:
         root = self.store.staging_dir()
         root.mkdir(parents=True, exist_ok=True)
         return root
 
     def _saved(self, asset_id: str, record: VersionRecord) -> SavedDetector:
-        """An installed version's saved detector, read from its bundle file or its directory."""
-        if record.stored == "bundle":
+        """An installed version's saved detector, read from its stored bundle or its directory."""
+        if record.stored in ("journal", "bundle"):
             from edgepeft.delta import BundleError, bundle_files, read_bundle
 
             data = self.store.read_bundle(asset_id, record)
-            where = self.store.bundle_path(asset_id, record.version)
+            where = self.store.bundle_location(asset_id, record)
             try:
                 # Verified (signature, base, release) when installed and unchanged since (the sha256 just
                 # checked against state.json), so parsing and decoding is all that is left.

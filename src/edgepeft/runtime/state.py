@@ -3,20 +3,23 @@
 Layout of a state directory (all of it owned by one runtime process)::
 
     STATE/
-      state.json                     # RuntimeState: the only file that says what is installed and active
-      bundles/<asset_id>/<version>.edelta  # a version installed from a bundle: the verified bundle, as received
+      state.json                     # RuntimeState checkpoint, and how much of the journal it includes
+      journal                        # install journal: each installed bundle, as received, with its state change
+      bundles/<asset_id>/<version>.edelta  # a bundle kept as its own file (written by earlier versions; still read)
       assets/<asset_id>/<version>/   # a version installed from a detector directory (provisioning, tests)
-      staging/                       # bundles being unpacked; emptied at start-up
+      staging/                       # directories being copied in; emptied at start-up
       onnx/                          # exported graphs and ONNX Runtime adapter files (derived, rebuildable)
       token                          # write-endpoint token, generated (mode 0600) when none is configured
       lock                           # held (flock) by the one runtime process that owns the directory
 
-``state.json`` is replaced atomically (temp file, fsync, rename) and only *after* a version's file or directory
-is complete and on disk, so a crash leaves either the old state or the new one, and a file or directory that
-``state.json`` does not name is ignored (and overwritten by the next install of that version). A bundle is kept
-as the one file it arrived as, not unpacked: an install writes and fsyncs one small file, and loading decodes
-it in memory (checked against the sha256 that ``state.json`` recorded at install). State objects are immutable: every
-change builds a new :class:`RuntimeState` and the runtime swaps one reference.
+The device's state is ``state.json`` plus the journal records after the point it names
+(:mod:`edgepeft.runtime.journal`). An install from a bundle commits by appending one record (the bundle and the
+asset's new record) and flushing it once; activations, rollbacks and directory installs replace ``state.json``
+atomically (temp file, fsync, rename, fsync of the folder), which also folds the journal in, as does a clean
+shutdown. Either way a crash leaves the old state or the new one: a partial last journal record is cut off at
+start-up, and a file or directory that the state does not name is ignored. A bundle is kept as it arrived, not
+unpacked; loading decodes it in memory after checking it against the sha256 recorded when it was installed. State
+objects are immutable: every change builds a new :class:`RuntimeState` and the runtime swaps one reference.
 
 Example:
     >>> import tempfile
@@ -41,8 +44,10 @@ from typing import Any
 
 from edgepeft.core.config import SCHEMA_VERSION, fsync_dir, read_json, stage_bytes
 from edgepeft.core.errors import ArtifactError, ConfigError, OutputError
+from edgepeft.runtime.journal import Journal
 
 STATE_FILE = "state.json"
+JOURNAL_FILE = "journal"
 BUNDLES_DIR = "bundles"
 BUNDLE_SUFFIX = ".edelta"
 ASSETS_DIR = "assets"
@@ -82,8 +87,10 @@ class VersionRecord:
         installed_at: UTC time of installation, ISO 8601.
         bundle_sha256: hash of the installed bundle bytes (``local`` for directories installed by hand).
         manifest: the bundle manifest, kept for inspection.
-        stored: ``bundle`` (kept as the bundle file) or ``directory`` (an unpacked detector directory; what
-            state files written before bundles were kept whole say, implicitly).
+        stored: ``journal`` (the bundle, kept in the install journal), ``bundle`` (kept as a bundle file, by
+            older versions) or ``directory`` (an unpacked detector directory; what state files written before
+            bundles were kept whole say, implicitly).
+        offset, length: where a ``journal`` version's bundle lies in the journal.
     """
 
     version: str
@@ -93,9 +100,13 @@ class VersionRecord:
     bundle_sha256: str
     manifest: dict[str, Any] = field(default_factory=dict)
     stored: str = "directory"
+    offset: int | None = None
+    length: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {item.name: getattr(self, item.name) for item in dataclasses.fields(self)}
+        # offset and length only where they mean something (stored in the journal): other records read as before.
+        return {item.name: getattr(self, item.name) for item in dataclasses.fields(self)
+                if getattr(self, item.name) is not None or item.name not in ("offset", "length")}
 
     @functools.cached_property
     def encoded(self) -> str:
@@ -158,10 +169,24 @@ class RuntimeState:
     def to_dict(self) -> dict[str, Any]:
         return json.loads(self.to_json())
 
-    def to_json(self) -> str:
+    def applied(self, change: dict[str, Any]) -> RuntimeState:
+        """This state with one journal change applied (see :meth:`StateStore.append_install`)."""
+        try:
+            head, version = change["asset"], VersionRecord(**change["version"])
+            installed = self.assets.get(head["asset_id"]) or AssetRecord(asset_id=head["asset_id"])
+            versions = {**installed.versions, version.version: version}
+            record = AssetRecord(asset_id=head["asset_id"], active=head["active"], history=tuple(head["history"]),
+                                 release=int(head["release"]), versions=versions)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"a journal record is malformed ({exc}); restore the state directory from a "
+                                "backup") from exc
+        return self.with_asset(record)
+
+    def to_json(self, journal_end: int = 0) -> str:
         """``state.json``'s text: ``json.dumps(payload, sort_keys=True, separators=(",", ":"))`` of the state with
-        its ``schema_version``, assembled from each version's cached encoding (:attr:`VersionRecord.encoded`), so
-        an install encodes its own record only, however many versions the device keeps."""
+        its ``schema_version`` (and how much of the install journal it includes, if any), assembled from each
+        version's cached encoding (:attr:`VersionRecord.encoded`), so an install encodes its own record only,
+        however many versions the device keeps."""
         assets = []
         for asset_id in sorted(self.assets):
             record = self.assets[asset_id]
@@ -169,7 +194,8 @@ class RuntimeState:
             head = _encode({"active": record.active, "asset_id": record.asset_id, "history": list(record.history),
                             "release": record.release})
             assets.append(f'{_encode(asset_id)}:{head[:-1]},"versions":{{{versions}}}}}')
-        rest = _encode({"base": self.base, "base_sha256": self.base_sha256, "schema_version": SCHEMA_VERSION})
+        extra = {"journal_end": journal_end} if journal_end else {}
+        rest = _encode({"base": self.base, "base_sha256": self.base_sha256, **extra, "schema_version": SCHEMA_VERSION})
         return f'{{"assets":{{{",".join(assets)}}},{rest[1:]}'
 
     @classmethod
@@ -207,6 +233,9 @@ class StateStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._lock_handle: Any = None
+        self.journal = Journal(self.root / JOURNAL_FILE)
+        self._checkpoint_end = 0  # how much of the journal the state.json on disk includes
+        self._staged_ends: dict[Path, int] = {}
 
     def acquire(self) -> None:
         """Take the directory's exclusive lock: two runtimes writing one state.json would lose installs."""
@@ -223,6 +252,7 @@ class StateStore:
         self._lock_handle = handle
 
     def release(self) -> None:
+        self.journal.close()
         if self._lock_handle is not None:
             self._lock_handle.close()  # closing drops the flock
             self._lock_handle = None
@@ -238,55 +268,45 @@ class StateStore:
         return (self.root / BUNDLES_DIR / check_name(asset_id, "asset id")
                 / f"{check_name(version, 'version')}{BUNDLE_SUFFIX}")
 
-    def write_bundle(self, asset_id: str, version: str, data: bytes) -> Path:
-        """Durably write a verified bundle for a version that ``state.json`` does not name yet.
+    def append_install(self, state: RuntimeState, asset_id: str, version: str, bundle: bytes) -> None:
+        """Commit an install: one journal record holding the bundle and ``asset_id``'s record in ``state``.
 
-        No temp file and rename: until ``state.json`` names the version, nothing reads this path, and a file
-        left half-written by a crash is overwritten by the next install of that version. Two fsyncs (the file,
-        then its directory entry) and the file is on disk before the commit that refers to it.
+        ``state`` is the state after the install; ``version``'s record must say ``stored="journal"`` with the
+        offset :meth:`Journal.next_bundle_offset` gave and the bundle's length. One write and one flush: when it
+        returns, the install survives a power cut. On failure (:class:`OutputError`) nothing was committed.
         """
-        path = self.bundle_path(asset_id, version)
-        try:
-            if not path.parent.is_dir():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fsync_dir(path.parent.parent)  # a new asset's folder: its entry must survive too
-                fsync_dir(path.parent.parent.parent)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            fsync_dir(path.parent)
-        except OSError as exc:
-            path.unlink(missing_ok=True)
-            raise OutputError(f"cannot store the bundle in {path.parent} ({exc.strerror or exc}); nothing was "
-                              "installed, free space on the device or fix the state directory, then retry") from exc
-        return path
-
-    def remove_bundle(self, path: Path) -> None:
-        """Remove a bundle file that was not committed, and the asset's folders if that leaves them empty."""
-        path.unlink(missing_ok=True)
-        for folder in (path.parent, path.parent.parent):
-            try:
-                folder.rmdir()
-            except OSError:  # not empty (other versions, other assets): kept
-                break
+        record = state.assets[asset_id]
+        new = record.versions[version]
+        if new.stored != "journal" or new.offset != self.journal.next_bundle_offset() or new.length != len(bundle):
+            raise ArtifactError(f"internal: version {asset_id} {version} does not point at the next journal record")
+        change = {"asset": {"asset_id": record.asset_id, "active": record.active, "history": list(record.history),
+                            "release": record.release},
+                  "version": new.to_dict()}
+        self.journal.append(bundle, change)
 
     def read_bundle(self, asset_id: str, record: VersionRecord) -> bytes:
         """The stored bundle of an installed version, refused unless it hashes to what was installed."""
-        path = self.bundle_path(asset_id, record.version)
+        where = self.bundle_location(asset_id, record)
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise DamagedVersionError(f"{path} of installed version {asset_id} {record.version} cannot be read "
-                                f"({exc.strerror or exc}); reinstall that version's bundle") from None
+            if record.stored == "journal":
+                data = self.journal.read(int(record.offset or 0), int(record.length or 0))
+            else:
+                data = Path(where).read_bytes()
+        except (OSError, ArtifactError) as exc:
+            raise DamagedVersionError(f"{where} of installed version {asset_id} {record.version} cannot be read "
+                                      f"({getattr(exc, 'strerror', None) or exc}); reinstall that version's bundle"
+                                      ) from None
         if hashlib.sha256(data).hexdigest() != record.bundle_sha256:
-            raise DamagedVersionError(f"{path} no longer matches the bundle installed as {asset_id} {record.version} "
-                                "(sha256 differs): it was modified on disk; reinstall that version's bundle")
+            raise DamagedVersionError(f"{where} no longer matches the bundle installed as {asset_id} "
+                                      f"{record.version} (sha256 differs): it was modified on disk; reinstall that "
+                                      "version's bundle")
         return data
+
+    def bundle_location(self, asset_id: str, record: VersionRecord) -> str:
+        """Where a stored bundle lies, for messages."""
+        if record.stored == "journal":
+            return f"{self.journal.path} (bytes {record.offset:,}-{(record.offset or 0) + (record.length or 0):,})"
+        return str(self.bundle_path(asset_id, record.version))
 
     def staging_dir(self) -> Path:
         return self.root / STAGING_DIR
@@ -295,13 +315,24 @@ class StateStore:
         return self.root / ONNX_DIR
 
     def load(self, *, base: str, base_sha256: str) -> RuntimeState:
-        """The saved state, or an empty one for a new directory; refuses a state made for another base."""
+        """The saved state, or an empty one for a new directory; refuses a state made for another base.
+
+        That is ``state.json`` (the checkpoint) with the install journal's later records applied. The runtime
+        that owns the directory (:meth:`acquire`) opens the journal for appending and cuts off a partial last
+        record; anyone else only reads.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        # A crash mid-install leaves a half-unpacked bundle here; nothing refers to it.
-        shutil.rmtree(self.staging_dir(), ignore_errors=True)
-        if not self.state_file.exists():
-            return RuntimeState(base=base, base_sha256=base_sha256)
-        state = RuntimeState.from_dict(read_json(self.state_file))
+        owner = self._lock_handle is not None
+        if owner:  # a crash mid-install (of a directory) leaves a half-copied one here; nothing refers to it
+            shutil.rmtree(self.staging_dir(), ignore_errors=True)
+        data = read_json(self.state_file) if self.state_file.exists() else {}
+        state = RuntimeState.from_dict(data) if data else RuntimeState(base=base, base_sha256=base_sha256)
+        self.journal.close()
+        self._checkpoint_end = int(data.get("journal_end", 0))
+        for record in self.journal.open(writable=owner, start=self._checkpoint_end):
+            state = state.applied(record.change)
+        if not owner:
+            self.journal.close()
         if state.base != base or state.base_sha256 != base_sha256:
             raise ArtifactError(
                 f"state directory {self.root} holds adapters for base {state.base!r} (sha256 "
@@ -317,15 +348,22 @@ class StateStore:
     def prepare(self, state: RuntimeState) -> Path:
         """Write ``state`` to a durable temp file beside ``state.json``; :meth:`commit` makes it the state.
 
-        Split from the commit so an install can write it while it still smoke-tests the new version, and
-        drop it (:meth:`discard`) if that fails. Compact JSON: it is rewritten on every install and activation,
-        and ``json.dumps`` with ``indent`` runs the pure-Python encoder, several times slower than the C one on
-        a state with many versions. Pretty-print it with ``python -m json.tool`` to read it.
+        It records how much of the install journal it includes (all of it: the runtime's state always does).
+        Compact JSON: ``json.dumps`` with ``indent`` runs the pure-Python encoder, several times slower than the
+        C one on a state with many versions. Pretty-print it with ``python -m json.tool`` to read it.
         """
+        end = self.journal.end
         try:
-            return stage_bytes(self.state_file, state.to_json().encode())
+            staged = stage_bytes(self.state_file, state.to_json(journal_end=end).encode())
         except OSError as exc:
             raise self._write_error(exc) from exc
+        self._staged_ends[staged] = end
+        return staged
+
+    @property
+    def behind_journal(self) -> bool:
+        """True when the journal holds installs that state.json does not include yet."""
+        return self.journal.end > self._checkpoint_end
 
     def commit(self, prepared: Path) -> bool:
         """Make a :meth:`prepare`-d state the state: one rename (the commit point), then the folder's fsync.
@@ -335,21 +373,18 @@ class StateStore:
         False (the change may not survive a power cut, in which case the device restarts on the previous,
         equally consistent state) and the caller reports it.
         """
+        end = self._staged_ends.pop(prepared, self._checkpoint_end)
         try:
             os.replace(prepared, self.state_file)
         except OSError as exc:
             prepared.unlink(missing_ok=True)
             raise self._write_error(exc) from exc
+        self._checkpoint_end = end
         try:
             fsync_dir(self.root)
         except OSError:
             return False
         return True
-
-    @staticmethod
-    def discard(prepared: Path) -> None:
-        """Drop a prepared state that will not be committed."""
-        prepared.unlink(missing_ok=True)
 
     def _write_error(self, exc: OSError) -> OutputError:
         return OutputError(f"cannot write {self.state_file} ({exc.strerror or exc}); the device state is "

@@ -97,7 +97,9 @@ def test_state_json_is_the_plain_json_encoding_of_the_state(tmp_path: Path) -> N
     def plain(state: RuntimeState) -> str:
         assets = {
             asset_id: {"asset_id": r.asset_id, "active": r.active, "history": list(r.history), "release": r.release,
-                       "versions": {name: dataclasses.asdict(v) for name, v in r.versions.items()}}
+                       "versions": {name: {k: x for k, x in dataclasses.asdict(v).items()
+                                           if x is not None or k not in ("offset", "length")}
+                                    for name, v in r.versions.items()}}
             for asset_id, r in state.assets.items()
         }
         payload = {"schema_version": SCHEMA_VERSION, "base": state.base, "base_sha256": state.base_sha256,
@@ -110,9 +112,10 @@ def test_state_json_is_the_plain_json_encoding_of_the_state(tmp_path: Path) -> N
         record = AssetRecord(asset_id=asset_id)
         for version in ["10", "9", "1.0.0", "b"][: number + 1]:
             manifest = {"z": [1, 2.5, None], "a": {"é": "\n", "b": True}, "signer": version}
+            stored = {"stored": "journal", "offset": 44 * number, "length": 7} if number % 2 else {"stored": "bundle"}
             record = dataclasses.replace(record, release=record.release + 1, versions={
                 **record.versions, version: VersionRecord(version, record.release + 1, "lora", "2026-01-01T00:00:00Z",
-                                                          "f" * 64, manifest, "bundle")})
+                                                          "f" * 64, manifest, **stored)})
             record = record.activate(version)
             state = state.with_asset(record)
             assert state.to_json() == plain(state)

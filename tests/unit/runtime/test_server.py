@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from edgepeft.detect.detector import AnomalyDetector
+from edgepeft.runtime.journal import Journal
 from edgepeft.runtime.loadtest import ServerProcess, drive_load, payloads
 from tests.unit.runtime.conftest import ASSET, bundle
 
@@ -169,10 +170,13 @@ def test_restart_serves_the_same_versions(
         np.testing.assert_allclose(_score(again).json()["score"], offline[0]["score"], rtol=1e-6)
     # The active version's stored bundle damaged on disk: the device still starts and serves its other assets;
     # this one answers 503 (the device's storage failed, not the request) with the reason.
-    stored = server.state_dir / "bundles" / ASSET / "1.edelta"
-    damaged = bytearray(stored.read_bytes())
-    damaged[len(damaged) // 2] ^= 0x01
-    stored.write_bytes(bytes(damaged))
+    journal = Journal(server.state_dir / "journal")
+    record = next(r for r in journal.open(writable=False)
+                  if r.change["asset"]["asset_id"] == ASSET and r.change["version"]["version"] == "1")
+    journal.close()
+    damaged = bytearray(journal.path.read_bytes())
+    damaged[record.bundle_offset + record.bundle_length // 2] ^= 0x01
+    journal.path.write_bytes(bytes(damaged))
     with ServerProcess(server.state_dir, token=TOKEN, args=server.args) as third:
         answer = _score(third)
         assert answer.status_code == 503, answer.text

@@ -18,7 +18,7 @@ from edgepeft.peft import get_method
 from edgepeft.runtime.loadtest import payloads
 from edgepeft.runtime.resident import ResidentBase, SkeletonPool, load_torch_version
 from edgepeft.runtime.service import DeviceRuntime, RuntimeConfig
-from edgepeft.runtime.state import ConflictError, UnknownAssetError
+from edgepeft.runtime.state import ConflictError, StateStore, UnknownAssetError, VersionRecord
 from tests.unit.runtime.conftest import ASSET, bundle
 
 ROWS = payloads(2, 96)[1]  # a stretch with one channel broken away from the others
@@ -249,11 +249,24 @@ def test_adapter_with_non_finite_weights_is_refused_and_nothing_changes(
         assert runtime.active_model(ASSET).version == "1"
 
 
-def test_bundle_versions_are_kept_as_the_verified_file(
+def _stored(state: Path, resident: ResidentBase, version: str, asset_id: str = ASSET) -> VersionRecord:
+    """How the state directory records one installed version (read as an onlooker, without taking the lock)."""
+    loaded = StateStore(state).load(base=resident.name, base_sha256=resident.sha256)
+    return loaded.asset(asset_id).versions[version]
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_bundle_versions_are_kept_in_the_journal_as_received(
     tmp_path: Path, resident: ResidentBase, versions: list[Path], keys: dict[str, object]
 ) -> None:
-    """A bundle install writes the bundle itself (no unpacked folder); reloading it checks its hash, and a copy
-    damaged on disk fails that one asset with a clear error while the device starts and serves the others."""
+    """A bundle install appends the bundle itself to the journal (no unpacked folder, no file per version);
+    reloading it checks its hash, and a copy damaged on disk fails that one asset with a clear error while the
+    device starts and serves the others."""
     state = tmp_path / "state"
     data = [bundle(directory, keys["trusted"], str(i), i) for i, directory in enumerate(versions[:2], start=1)]
     other = bundle(versions[2], keys["trusted"], "1", 1, asset_id="pump-2")
@@ -263,17 +276,18 @@ def test_bundle_versions_are_kept_as_the_verified_file(
         for blob in [*data, other]:
             runtime.install_bundle(blob)
         records = runtime.state.asset(ASSET).versions
-        assert {record.stored for record in records.values()} == {"bundle"}
-    assert (state / "bundles" / ASSET / "1.edelta").read_bytes() == data[0]
-    assert (state / "bundles" / ASSET / "2.edelta").read_bytes() == data[1]
-    assert not (state / "assets").exists(), "bundle installs unpack nothing to disk"
-    # Every version loads back from its file after a restart, scoring exactly as offline.
+        assert {record.stored for record in records.values()} == {"journal"}
+    journal = (state / "journal").read_bytes()
+    for number, blob in enumerate(data, start=1):
+        record = _stored(state, resident, str(number))
+        assert journal[record.offset : record.offset + record.length] == blob
+    assert not (state / "assets").exists() and not (state / "bundles").exists(), "bundle installs unpack nothing"
+    # Every version loads back from the journal after a restart, scoring exactly as offline.
     with _open(state, resident, **config) as runtime:
         np.testing.assert_array_equal(runtime.score(ASSET, ROWS)[1]["score"], offline[1])
         np.testing.assert_array_equal(runtime.model(ASSET, "1").score_all(ROWS)["score"], offline[0])
-    damaged = bytearray(data[1])
-    damaged[len(damaged) // 2] ^= 0x01
-    (state / "bundles" / ASSET / "2.edelta").write_bytes(bytes(damaged))
+    damaged = _stored(state, resident, "2")
+    _flip(state / "journal", damaged.offset + damaged.length // 2)
     with _open(state, resident, **config) as runtime:  # starts although the active version of pump-1 is damaged
         assert runtime.metrics.load_failures == 1
         with pytest.raises(ArtifactError, match="modified on disk"):
@@ -282,6 +296,124 @@ def test_bundle_versions_are_kept_as_the_verified_file(
         assert runtime.rollback(ASSET)["active"] == "1"  # the operator's way out: the previous version
         np.testing.assert_array_equal(runtime.score(ASSET, ROWS)[1]["score"], offline[0])
         assert "edgepeft_load_failures_total 1" in runtime.metrics.render()
+
+
+def test_installs_survive_a_crash_before_state_json_catches_up(
+    tmp_path: Path, resident: ResidentBase, versions: list[Path], keys: dict[str, object]
+) -> None:
+    """An install is committed by its journal record alone: a crash (no clean shutdown, so no checkpoint) loses
+    nothing, a restart serves exactly what was acknowledged, and a clean shutdown folds the journal into
+    state.json."""
+    import json
+
+    state = tmp_path / "state"
+    config = {"trusted_keys": [keys["public"]]}
+    runtime = _open(state, resident, **config)
+    runtime.install_bundle(bundle(versions[0], keys["trusted"], "1", 1))
+    runtime.install_bundle(bundle(versions[1], keys["trusted"], "2", 2))
+    runtime.rollback(ASSET)  # writes state.json: the installs so far are folded in
+    runtime.install_bundle(bundle(versions[2], keys["trusted"], "3", 3), activate=False)
+    expected = runtime.state
+    runtime.engine.close()
+    runtime.store.release()  # the process dies here: no checkpoint
+    saved = json.loads((state / "state.json").read_text())
+    assert "3" not in saved["assets"][ASSET]["versions"]
+    assert saved["journal_end"] < (state / "journal").stat().st_size
+    with _open(state, resident, **config) as again:
+        assert again.state == expected and again.state.asset(ASSET).active == "1"
+        offline = AnomalyDetector.load(versions[2]).score_all(ROWS)["score"]
+        np.testing.assert_array_equal(again.model(ASSET, "3").score_all(ROWS)["score"], offline)
+    saved = json.loads((state / "state.json").read_text())  # the clean shutdown wrote the checkpoint
+    assert saved["journal_end"] == (state / "journal").stat().st_size and "3" in saved["assets"][ASSET]["versions"]
+    with _open(state, resident, **config) as third:
+        assert third.state == expected
+
+
+def test_a_partial_last_journal_record_is_set_aside(
+    tmp_path: Path, resident: ResidentBase, versions: list[Path], keys: dict[str, object]
+) -> None:
+    """A crash in the middle of an append leaves a partial record, never acknowledged: start-up moves it to a
+    side file (nothing is deleted), serves the installs before it, and the next install goes where it was."""
+    state = tmp_path / "state"
+    config = {"trusted_keys": [keys["public"]]}
+    data = [bundle(directory, keys["trusted"], str(i), i) for i, directory in enumerate(versions, start=1)]
+    with _open(state, resident, **config) as runtime:
+        runtime.install_bundle(data[0])
+    journal = state / "journal"
+    whole = journal.read_bytes()
+    # Install 2's record as a crash would leave it, cut inside its header, its bundle or its change.
+    with _open(tmp_path / "scratch", resident, **config) as other:
+        other.install_bundle(data[0])
+        start = other.store.journal.end
+        other.install_bundle(data[1])
+    record = (tmp_path / "scratch" / "journal").read_bytes()[start:]
+    for cut in (10, len(record) // 2, len(record) - 1):
+        journal.write_bytes(whole + record[:cut])
+        with _open(state, resident, **config) as runtime:
+            assert runtime.state.asset(ASSET).active == "1" and list(runtime.state.asset(ASSET).versions) == ["1"]
+        assert journal.read_bytes() == whole
+        side = sorted(state.glob("journal.partial-*"))
+        assert len(side) == 1 and side[0].read_bytes() == record[:cut]
+        side[0].unlink()
+    with _open(state, resident, **config) as runtime:
+        runtime.install_bundle(data[1])
+        runtime.install_bundle(data[2])
+    with _open(state, resident, **config) as runtime:
+        assert runtime.state.asset(ASSET).active == "3" and runtime.state.asset(ASSET).release == 3
+
+
+def test_a_damaged_or_cut_journal_is_a_clear_error(
+    tmp_path: Path, resident: ResidentBase, versions: list[Path], keys: dict[str, object]
+) -> None:
+    """Damage that is not an interrupted append (a record's change altered with records after it, a journal
+    shorter than state.json says) refuses to start with the reason, rather than guessing which installs count."""
+    state = tmp_path / "state"
+    config = {"trusted_keys": [keys["public"]]}
+    runtime = _open(state, resident, **config)
+    runtime.install_bundle(bundle(versions[0], keys["trusted"], "1", 1))
+    runtime.install_bundle(bundle(versions[1], keys["trusted"], "2", 2))
+    runtime.engine.close()
+    runtime.store.release()  # crash: both installs are in the journal only
+    first = _stored(state, resident, "1")
+    journal = state / "journal"
+    whole = journal.read_bytes()
+    _flip(journal, first.offset + first.length + 5)  # inside record 1's change; record 2 follows
+    with pytest.raises(ArtifactError, match="damaged at byte 0"):
+        _open(state, resident, **config)
+    journal.write_bytes(whole)
+    with _open(state, resident, **config) as runtime:  # intact again; the clean shutdown writes a checkpoint
+        assert runtime.state.asset(ASSET).active == "2"
+    journal.write_bytes(whole[:100])
+    with pytest.raises(ArtifactError, match="journal was replaced or cut"):
+        _open(state, resident, **config)
+
+
+def test_state_with_bundle_files_still_loads(
+    tmp_path: Path, resident: ResidentBase, versions: list[Path], keys: dict[str, object]
+) -> None:
+    """Versions stored as one bundle file each (the layout before the journal) load, are hash-checked, and a
+    missing file is a clear error."""
+    import json
+
+    state = tmp_path / "state"
+    config = {"trusted_keys": [keys["public"]]}
+    data = bundle(versions[0], keys["trusted"], "1", 1)
+    with _open(state, resident, **config) as runtime:
+        runtime.install_bundle(data)
+    saved = json.loads((state / "state.json").read_text())
+    record = saved["assets"][ASSET]["versions"]["1"]
+    record.update(stored="bundle")
+    del record["offset"], record["length"], saved["journal_end"]
+    (state / "journal").unlink()
+    (state / "bundles" / ASSET).mkdir(parents=True)
+    (state / "bundles" / ASSET / "1.edelta").write_bytes(data)
+    (state / "state.json").write_text(json.dumps(saved))
+    offline = AnomalyDetector.load(versions[0]).score_all(ROWS)["score"]
+    with _open(state, resident, **config) as runtime:
+        np.testing.assert_array_equal(runtime.score(ASSET, ROWS)[1]["score"], offline)
+        runtime.install_bundle(bundle(versions[1], keys["trusted"], "2", 2))  # new installs go to the journal
+        assert runtime.state.asset(ASSET).versions["2"].stored == "journal"
+        assert runtime.rollback(ASSET)["active"] == "1"
         (state / "bundles" / ASSET / "1.edelta").unlink()
         runtime.cache.discard((ASSET, "1"))
         with pytest.raises(ArtifactError, match="cannot be read"):
@@ -303,7 +435,6 @@ def test_a_bundle_that_fails_its_load_leaves_no_file(
         with pytest.raises(ArtifactError, match="lacks tensors"):
             runtime.install_bundle(bundle(broken, keys["trusted"], "2", 2))
         assert _tree(state) == snapshot
-        assert not (state / "bundles" / ASSET / "2.edelta").exists()
         assert runtime.metrics.rejected_bundles == 1
 
 
@@ -403,16 +534,13 @@ def test_the_onnx_engine_serves_lora_straight_from_a_stored_bundle(
         np.testing.assert_allclose(result["score"], offline, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("failing", ["bundle file", "bundle folder", "new state.json", "state folder"])
+@pytest.mark.parametrize("failing", ["journal write", "journal flush"])
 def test_a_full_disk_fails_the_install_cleanly(
     tmp_path: Path, resident: ResidentBase, versions: list[Path], keys: dict[str, object], monkeypatch,
     failing: str,
 ) -> None:
-    """An install that cannot write (disk full) is a clear OutputError, and the device is exactly as before;
-    one whose commit is done (state.json renamed) stands, with the failed flush reported.
-
-    The failing fsync is picked by what it flushes.
-    """
+    """An install that cannot write (disk full) is a clear OutputError, and the device is exactly as before: the
+    journal is cut back to where it was, byte for byte. With space again, the install goes through."""
     import errno
     import os
 
@@ -420,35 +548,49 @@ def test_a_full_disk_fails_the_install_cleanly(
     with _open(state, resident, trusted_keys=[keys["public"]]) as runtime:
         runtime.install_bundle(bundle(versions[0], keys["trusted"], "1", 1))
         snapshot = _tree(state)
-        real_fsync = os.fsync
-        bundles = state / "bundles" / ASSET
+        name = {"journal write": "pwrite", "journal flush": "fdatasync"}[failing]
+        real = getattr(os, name)
 
-        def target(fd: int) -> bool:
-            path = Path(os.readlink(f"/proc/self/fd/{fd}"))
-            return {"bundle file": path.suffix == ".edelta", "bundle folder": path == bundles,
-                    "new state.json": path.name.startswith(".state.json."), "state folder": path == state}[failing]
+        def full(*args: object) -> object:
+            if name == "pwrite":
+                real(args[0], bytes(args[1])[:100], args[2])  # a partial write, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-        def fsync(fd: int) -> None:
-            if target(fd):
-                raise OSError(errno.ENOSPC, "No space left on device")
-            real_fsync(fd)
-
-        monkeypatch.setattr(os, "fsync", fsync)
-        if failing == "state folder":
-            # After the rename (the commit point) the install is live and stays so; only its durability is in
-            # doubt, which is logged and counted. Its bundle file must stay: state.json names it.
+        monkeypatch.setattr(os, name, full)
+        with pytest.raises(OutputError, match="No space left on device"):
             runtime.install_bundle(bundle(versions[1], keys["trusted"], "2", 2))
-            monkeypatch.setattr(os, "fsync", real_fsync)
-            assert runtime.state.asset(ASSET).active == "2" and runtime.metrics.unconfirmed_commits == 1
-            assert "edgepeft_unconfirmed_commits_total 1" in runtime.metrics.render()
-            runtime.score(ASSET, ROWS)
-        else:
-            with pytest.raises(OutputError, match="No space left on device"):
-                runtime.install_bundle(bundle(versions[1], keys["trusted"], "2", 2))
-            monkeypatch.setattr(os, "fsync", real_fsync)
-            assert _tree(state) == snapshot and runtime.state.asset(ASSET).active == "1"
-            runtime.install_bundle(bundle(versions[1], keys["trusted"], "2", 2))  # space again: it installs
-            assert runtime.state.asset(ASSET).active == "2"
+        monkeypatch.setattr(os, name, real)
+        assert _tree(state) == snapshot and runtime.state.asset(ASSET).active == "1"
+        runtime.install_bundle(bundle(versions[1], keys["trusted"], "2", 2))  # space again: it installs
+        assert runtime.state.asset(ASSET).active == "2"
     with _open(state, resident, trusted_keys=[keys["public"]]) as runtime:  # a restart serves what was committed
         assert runtime.state.asset(ASSET).active == "2"
         runtime.score(ASSET, ROWS)
+
+
+def test_a_state_json_flush_failing_after_its_rename_is_reported(
+    tmp_path: Path, resident: ResidentBase, versions: list[Path], keys: dict[str, object], monkeypatch
+) -> None:
+    """A rollback whose state.json rename is done but whose folder fsync fails stands (every reader sees it);
+    the failed flush is logged and counted, not reported as a failed rollback."""
+    import errno
+    import os
+
+    state = tmp_path / "state"
+    with _open(state, resident, trusted_keys=[keys["public"]]) as runtime:
+        runtime.install_bundle(bundle(versions[0], keys["trusted"], "1", 1))
+        runtime.install_bundle(bundle(versions[1], keys["trusted"], "2", 2))
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            if Path(os.readlink(f"/proc/self/fd/{fd}")) == state:
+                raise OSError(errno.EIO, "Input/output error")
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        assert runtime.rollback(ASSET)["active"] == "1"
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        assert runtime.metrics.unconfirmed_commits == 1
+        assert "edgepeft_unconfirmed_commits_total 1" in runtime.metrics.render()
+    with _open(state, resident, trusted_keys=[keys["public"]]) as runtime:
+        assert runtime.state.asset(ASSET).active == "1"
