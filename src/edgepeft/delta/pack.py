@@ -203,13 +203,16 @@ class BundleFiles:
     texts: dict[str, str]
 
 
-def bundle_files(bundle: Bundle) -> BundleFiles:
+def bundle_files(bundle: Bundle, *, validated: bool = False) -> BundleFiles:
     """Decode a (verified) bundle into the detector folder's contents; BundleError if they do not decode.
 
-    A device loads an adapter straight from these; :func:`unpack_bundle` writes them out as a folder.
+    A device loads an adapter straight from these; :func:`unpack_bundle` writes them out as a folder. The
+    manifest's schema and the payload's hash are checked again unless ``validated``: the caller got the bundle
+    from :func:`read_bundle` (which checks both) and has not changed it since.
     """
-    validate_manifest(bundle.manifest)
-    check_payload(bundle.manifest, bundle.payload)
+    if not validated:
+        validate_manifest(bundle.manifest)
+        check_payload(bundle.manifest, bundle.payload)
     entries = bundle.manifest["adapter"]["files"]
     tensor_files = [entry["name"] for entry in entries if "metadata" in entry]
     declared = bundle.manifest["payload"]

@@ -404,7 +404,7 @@ class DeviceRuntime:
                 return result
             try:
                 # Loaded and smoke-tested from memory first: a bundle that fails never touches the disk.
-                saved = SavedDetector.from_bundle(bundle_files(bundle), f"bundle {asset_id} {version}")
+                saved = SavedDetector.from_bundle(bundle_files(bundle, validated=True), f"bundle {asset_id} {version}")
                 served = self._load_checked(saved, asset_id, version, bundle.release)
                 new_state, record = self._installed_state(
                     asset_id=asset_id, version=version, release=bundle.release, method=served.method,
@@ -581,7 +581,7 @@ class DeviceRuntime:
             try:
                 # Verified (signature, base, release) when installed and unchanged since (the sha256 just
                 # checked against state.json), so parsing and decoding is all that is left.
-                files = bundle_files(read_bundle(data))
+                files = bundle_files(read_bundle(data), validated=True)
             except BundleError as exc:
                 raise DamagedVersionError(f"{where}: {exc}") from None
             return SavedDetector.from_bundle(files, str(where))

@@ -448,3 +448,15 @@ def test_key_files(tmp_path: Path) -> None:
         serialization.BestAvailableEncryption(b"secret")))
     with pytest.raises(BundleError, match="password-protected"):
         load_private_key(tmp_path / "locked.key")
+
+
+@pytest.mark.parametrize("value", [
+    "2026-13-22T04:30:00Z", "2026-02-30T00:00:00Z", "2026-11-22 04:30:00Z", "2026-11-22T04:30:00+",
+    "\u0662\u0660\u0662\u0666-11-22T04:30:00Z", "+026-11-22T04:30:00Z", "2026-11-22T04:30:0Z", "2026-11-22t04:30:00z",
+])
+def test_manifest_times_are_exactly_the_utc_format(value: str) -> None:
+    from edgepeft.delta.manifest import parse_time
+
+    assert parse_time("2026-11-22T04:30:00Z", "created_at").isoformat() == "2026-11-22T04:30:00+00:00"
+    with pytest.raises(BundleError, match="not a UTC time"):
+        parse_time(value, "created_at")
