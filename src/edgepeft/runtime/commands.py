@@ -49,6 +49,10 @@ def serve(
                            scoring_workers=scoring_workers)
     token, token_source = resolve_token(token_file, state)
     runtime = DeviceRuntime.open(config)
+    # Hugging Face peft (LoRA, DoRA, IA3 adapters) takes seconds to import; a server that has not loaded such an
+    # adapter yet would pay that inside its first install. Import it now, before settle() freezes what is loaded.
+    import peft  # noqa: F401
+
     runtime.settle()
     app = create_app(runtime, token)
     console = Console(stderr=True)
