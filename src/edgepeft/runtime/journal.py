@@ -191,10 +191,14 @@ class Journal:
         fd = self._require_fd()
         tail = os.pread(fd, size - self.end, self.end)
         side = self.path.with_name(f"{self.path.name}.partial-{time.strftime('%Y%m%dT%H%M%S')}-{self.end}")
-        side.write_bytes(tail)
-        os.ftruncate(fd, self.end)
-        os.fsync(fd)
-        fsync_dir(self.path.parent)
+        try:
+            side.write_bytes(tail)  # kept first: if it cannot be, nothing is cut
+            os.ftruncate(fd, self.end)
+            os.fsync(fd)
+            fsync_dir(self.path.parent)
+        except OSError as exc:
+            raise OutputError(f"cannot set aside the partial last record of {self.path} in {side} "
+                              f"({exc.strerror or exc}); free space on the device, then start again") from exc
         logger.warning("%s: %d bytes after the last whole record (an install interrupted before it was "
                        "committed) were moved to %s", self.path, len(tail), side)
 
