@@ -62,7 +62,7 @@ def install_activate_times(
     """Install+activate of signed bundles (in-process, the HTTP layer adds about a millisecond), then activation.
 
     Returns p50/p99 of: install+activate (verify signature, decode in memory, load on the resident base and
-    smoke-test, write the bundle file with fsyncs, fsync'd state commit) with installs ``gap_s`` apart, as
+    smoke-test, commit: one install-journal record appended and flushed) with installs ``gap_s`` apart, as
     updates arrive on a device (each finds the spare skeleton its predecessor's refill built); the same back to
     back (``burst``: the refill of one install competes with the next); activate of a loaded version; activate
     of a version evicted from memory. The runtime is settled (:meth:`DeviceRuntime.settle`) as a server is.
