@@ -209,11 +209,25 @@ def test_channel_aggregation_is_validated_and_saved(tmp_path) -> None:
         AnomalyDetector(base="tiny", channel_agg="median").fit(sine_series(400, 2))
     with pytest.raises(ConfigError, match="slow_channel_share"):
         AnomalyDetector(base="tiny", slow_channel_share=1.5).fit(sine_series(400, 2))
-    det = AnomalyDetector(base="tiny", method="lora", rank=4, steps=5, channel_agg="mean").fit(sine_series(400, 2))
-    loaded = AnomalyDetector.load(det.save(tmp_path / "d"))
-    assert loaded.channel_agg == "mean"
     X = sine_series(300, 2, seed=1)
-    np.testing.assert_array_equal(loaded.score(X), det.score(X))
+    for agg in ("mean", "pooled"):
+        det = AnomalyDetector(base="tiny", method="lora", rank=4, steps=5, channel_agg=agg).fit(sine_series(400, 2))
+        loaded = AnomalyDetector.load(det.save(tmp_path / agg))
+        assert loaded.channel_agg == agg
+        np.testing.assert_array_equal(loaded.score(X), det.score(X))
+
+
+def test_channel_aggregations_combine_evidence_as_documented() -> None:
+    from edgepeft.detect.scoring import combine_errors
+
+    errors = np.array([[[9.0, 9.0], [0.0, 0.0], [0.0, 0.0]], [[2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]])  # (T=2, C=3, 2)
+    channel_error, weights = np.ones((3, 2)), np.full((3, 2), 0.5)  # evidence per row: [9, 0, 0] and [2, 2, 2]
+    got = {agg: combine_errors(errors, channel_error, weights, 1, agg) for agg in ("max", "mean", "pooled")}
+    np.testing.assert_allclose(got["max"], np.log1p([9.0, 2.0]))
+    np.testing.assert_allclose(got["mean"], [np.log1p(9.0) / 3, np.log1p(2.0)])
+    np.testing.assert_allclose(got["pooled"], np.log1p([3.0, 2.0]))
+    # Where the aggregations disagree: one strong channel ranks first under max and pooled, not under mean.
+    assert got["max"][0] > got["max"][1] and got["pooled"][0] > got["pooled"][1] and got["mean"][0] < got["mean"][1]
 
 
 @pytest.mark.parametrize("weights", [[[0.5, 0.5]] * 2, [[-1.0, 0.5]] * 3, [[0.5, None]] * 3])
