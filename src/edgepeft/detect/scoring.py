@@ -94,9 +94,9 @@ def combine_errors(
     ``pooled``: ``log1p`` of the mean evidence. Averaged before the log, one strong channel still dominates,
     and weak evidence in several channels adds up. In a study on ASD (tiny base, 150 steps, the benchmark's
     test rows) it raised the adapter method's mean best-F1 from 0.420 to 0.434 and VUS-PR from 0.584 to 0.618,
-    while a model trained from scratch fell from 0.426 to 0.410. On SKAB (cached LoRA errors) F1 went from
-    0.775 to 0.766 and the changepoint score from 18.1 to 22.6. It is not the default until every benchmark
-    has been rerun with it.
+    while a model trained from scratch fell from 0.426 to 0.410. But on SKAB (cached LoRA errors) F1 went from
+    0.775 to 0.766 (the changepoint score from 18.1 to 22.6), and on the simulated 20-pump fleet LoRA's mean
+    best-F1 fell from 0.562 to 0.543 and VUS-PR from 0.674 to 0.652. A trade, not a better default.
     """
     if agg not in CHANNEL_AGGS:
         raise ValueError(f"agg must be one of {', '.join(CHANNEL_AGGS)}, got {agg!r}")
