@@ -43,15 +43,18 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike[str], payload: bytes) -> None:
     """Write-to-temp, fsync, rename: a reader sees the old file or the new one, never half of one."""
-    replace_durably(stage_bytes(path, payload), path)
+    staged = stage_bytes(path, payload)
+    try:
+        os.replace(staged, path)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    fsync_dir(Path(path).parent)  # so the rename itself survives power loss
 
 
 def stage_bytes(path: str | os.PathLike[str], payload: bytes) -> Path:
-    """The first half of :func:`atomic_write_bytes`: ``payload`` in a durable temp file beside ``path``.
-
-    Nothing reads it until :func:`replace_durably` renames it over ``path``; until then it can be dropped
-    (``unlink``) and ``path`` is as before. Split so a caller can stage while it still checks what it writes.
-    """
+    """The first half of :func:`atomic_write_bytes`: ``payload`` in a durable temp file beside ``path``, for a
+    caller that renames it over ``path`` itself (and treats a failed rename and a failed flush differently)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -64,16 +67,6 @@ def stage_bytes(path: str | os.PathLike[str], payload: bytes) -> Path:
         os.unlink(tmp)
         raise
     return Path(tmp)
-
-
-def replace_durably(staged: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
-    """The second half of :func:`atomic_write_bytes`: rename a staged file over ``path`` and make it stick."""
-    try:
-        os.replace(staged, path)
-    except BaseException:
-        Path(staged).unlink(missing_ok=True)
-        raise
-    fsync_dir(Path(path).parent)  # so the rename itself survives power loss
 
 
 def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:

@@ -459,7 +459,7 @@ class DeviceRuntime:
             rolled = record.rolled_back()
             self._model(rolled, rolled.active)  # load before the swap: requests must not wait on disk
             new_state = state.with_asset(rolled)
-            self._commit(self.store.prepare(new_state))
+            self._save(new_state)
             self._state = new_state
             seconds = time.perf_counter() - started
             self.metrics.observe_swap(seconds)
@@ -490,7 +490,7 @@ class DeviceRuntime:
             new_state, record = self._installed_state(
                 asset_id=asset_id, version=version, release=release, method=served.method, digest="local",
                 manifest={}, stored="directory", activate=activate)
-            self._commit(self.store.prepare(new_state))  # the commit point
+            self._save(new_state)  # the commit point
             return self._swap_in(served, new_state, record, activate=activate, started=started)
         except BaseException:
             if moved:
@@ -540,7 +540,7 @@ class DeviceRuntime:
         served = self._model(record, version)  # validates the version and loads it before the swap
         if version != previous:
             new_state = state.with_asset(record.activate(version))
-            self._commit(self.store.prepare(new_state))  # durable first: a restart must serve what requests were told
+            self._save(new_state)  # durable first: a restart must serve what requests were told
             self._state = new_state  # the swap
         seconds = time.perf_counter() - started
         if version != previous:
@@ -548,9 +548,9 @@ class DeviceRuntime:
         return {"asset_id": asset_id, "active": version, "previous": previous, "engine": served.engine,
                 "swap_seconds": seconds}
 
-    def _commit(self, prepared: Path) -> None:
-        """Commit a prepared state.json; a folder fsync that failed after the rename is logged and counted."""
-        if not self.store.commit(prepared):
+    def _save(self, state: RuntimeState) -> None:
+        """Write state.json; a folder fsync that failed after the rename (the change is live) is logged and counted."""
+        if not self.store.save(state):
             self.metrics.count("unconfirmed_commits")
             logger.warning("state.json was replaced but its folder could not be flushed to disk: the change is "
                            "live but may not survive a power cut; check the device's storage")
@@ -562,7 +562,7 @@ class DeviceRuntime:
             if not self.store.behind_journal:
                 return
             try:
-                self._commit(self.store.prepare(self._state))
+                self._save(self._state)
             except OutputError as exc:
                 logger.warning("state.json was not brought up to date at shutdown (%s); the journal has it all", exc)
 

@@ -235,7 +235,6 @@ class StateStore:
         self._lock_handle: Any = None
         self.journal = Journal(self.root / JOURNAL_FILE)
         self._checkpoint_end = 0  # how much of the journal the state.json on disk includes
-        self._staged_ends: dict[Path, int] = {}
 
     def acquire(self) -> None:
         """Take the directory's exclusive lock: two runtimes writing one state.json would lose installs."""
@@ -328,7 +327,11 @@ class StateStore:
         data = read_json(self.state_file) if self.state_file.exists() else {}
         state = RuntimeState.from_dict(data) if data else RuntimeState(base=base, base_sha256=base_sha256)
         self.journal.close()
-        self._checkpoint_end = int(data.get("journal_end", 0))
+        end = data.get("journal_end", 0)
+        if not isinstance(end, int) or isinstance(end, bool) or end < 0:
+            raise ArtifactError(f"{self.state_file} has journal_end {end!r}, not a byte count; restore it from a "
+                                "backup or start a new --state directory")
+        self._checkpoint_end = end
         for record in self.journal.open(writable=owner, start=self._checkpoint_end):
             state = state.applied(record.change)
         if not owner:
@@ -342,42 +345,25 @@ class StateStore:
         return state
 
     def save(self, state: RuntimeState) -> bool:
-        """Atomically replace ``state.json`` (temp + fsync + rename + fsync of the folder); see :meth:`commit`."""
-        return self.commit(self.prepare(state))
-
-    def prepare(self, state: RuntimeState) -> Path:
-        """Write ``state`` to a durable temp file beside ``state.json``; :meth:`commit` makes it the state.
+        """Atomically replace ``state.json``: temp file, fsync, rename (the commit point), fsync of the folder.
 
         It records how much of the install journal it includes (all of it: the runtime's state always does).
-        Compact JSON: ``json.dumps`` with ``indent`` runs the pure-Python encoder, several times slower than the
-        C one on a state with many versions. Pretty-print it with ``python -m json.tool`` to read it.
+        A failed write or rename raises :class:`OutputError` and leaves the old ``state.json``. Once the rename
+        is done the new state is what every reader and a restart see, so a failing folder fsync cannot undo it:
+        it returns False (the change may not survive a power cut, in which case the device restarts on the
+        previous, equally consistent state) and the caller reports it. Compact JSON: ``json.dumps`` with
+        ``indent`` runs the pure-Python encoder, several times slower than the C one on a state with many
+        versions. Pretty-print it with ``python -m json.tool`` to read it.
         """
         end = self.journal.end
         try:
             staged = stage_bytes(self.state_file, state.to_json(journal_end=end).encode())
         except OSError as exc:
             raise self._write_error(exc) from exc
-        self._staged_ends[staged] = end
-        return staged
-
-    @property
-    def behind_journal(self) -> bool:
-        """True when the journal holds installs that state.json does not include yet."""
-        return self.journal.end > self._checkpoint_end
-
-    def commit(self, prepared: Path) -> bool:
-        """Make a :meth:`prepare`-d state the state: one rename (the commit point), then the folder's fsync.
-
-        A failed rename raises :class:`OutputError` and leaves the old ``state.json``. Once the rename is done the
-        new state is what every reader and a restart see, so a failing folder fsync cannot undo it: it returns
-        False (the change may not survive a power cut, in which case the device restarts on the previous,
-        equally consistent state) and the caller reports it.
-        """
-        end = self._staged_ends.pop(prepared, self._checkpoint_end)
         try:
-            os.replace(prepared, self.state_file)
+            os.replace(staged, self.state_file)
         except OSError as exc:
-            prepared.unlink(missing_ok=True)
+            staged.unlink(missing_ok=True)
             raise self._write_error(exc) from exc
         self._checkpoint_end = end
         try:
@@ -385,6 +371,11 @@ class StateStore:
         except OSError:
             return False
         return True
+
+    @property
+    def behind_journal(self) -> bool:
+        """True when the journal holds installs that state.json does not include yet."""
+        return self.journal.end > self._checkpoint_end
 
     def _write_error(self, exc: OSError) -> OutputError:
         return OutputError(f"cannot write {self.state_file} ({exc.strerror or exc}); the device state is "

@@ -197,3 +197,16 @@ def test_smoke_forecast_runs_an_adapted_temporal_half(tmp_path: Path) -> None:
     torch.testing.assert_close(smoke_forecast(resident, served), full)
     model.temporal_is_base = True  # what a wrong check would do: the base's features, not the adapter's
     assert not torch.allclose(smoke_forecast(resident, served), full, atol=1e-4)
+
+
+@pytest.mark.parametrize("end", ["12", -1, True, 1.5])
+def test_a_malformed_journal_end_in_state_json_is_a_clear_error(tmp_path: Path, end: object) -> None:
+    import json
+
+    store = StateStore(tmp_path)
+    store.save(RuntimeState(base="tiny", base_sha256="a" * 64))
+    saved = json.loads((tmp_path / "state.json").read_text())
+    saved["journal_end"] = end
+    (tmp_path / "state.json").write_text(json.dumps(saved))
+    with pytest.raises(ArtifactError, match="journal_end"):
+        StateStore(tmp_path).load(base="tiny", base_sha256="a" * 64)
