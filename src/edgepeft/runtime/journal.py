@@ -88,14 +88,19 @@ class Journal:
         moved to a side file and cut off. Without it (someone inspecting a state directory another process may
         be writing), nothing is changed.
         """
-        if writable:
-            created = not self.path.exists()
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            if created:
-                fsync_dir(self.path.parent)  # the file's entry must survive: installs assume it exists
-        elif self.path.exists():
-            self._fd = os.open(self.path, os.O_RDONLY)
-        elif start == 0:
+        try:
+            if writable:
+                created = not self.path.exists()
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                if created:
+                    fsync_dir(self.path.parent)  # the file's entry must survive: installs assume it exists
+            elif self.path.exists():
+                self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            self.close()
+            raise OutputError(f"cannot open {self.path} ({exc.strerror or exc}); check the state directory's "
+                              "permissions and free space") from exc
+        if self._fd is None and start == 0:
             self.end = 0
             return []
         size = os.fstat(self._fd).st_size if self._fd is not None else 0

@@ -106,3 +106,21 @@ def test_a_tail_that_cannot_be_set_aside_is_not_cut(tmp_path: Path, monkeypatch:
         Journal(path).open(writable=True)
     monkeypatch.undo()
     assert path.read_bytes() == before
+
+
+def test_a_journal_that_cannot_be_opened_is_a_clear_error(tmp_path: Path) -> None:
+    import os
+
+    path = tmp_path / "journal"
+    _journal(path, [(b"a", {"n": 1})])
+    path.chmod(0o000)
+    try:
+        if os.access(path, os.R_OK):  # root reads anything: make the path a folder instead
+            path.chmod(0o644)
+            path.unlink()
+            path.mkdir()
+        with pytest.raises(OutputError, match="cannot open"):
+            Journal(path).open(writable=True)
+    finally:
+        if path.is_file():
+            path.chmod(0o644)
