@@ -97,6 +97,9 @@ def adapt(
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same adapter).")] = 0,
     target_far: Annotated[float, typer.Option(help="Target false-alarm rate on normal data.")] = 0.01,
     threshold: Annotated[str, typer.Option(help="Threshold calibration: pot or quantile.")] = "pot",
+    raise_after: Annotated[int, typer.Option(help="Alarm only after this many consecutive rows over the "
+                                             "threshold (1: every such row).")] = 1,
+    clear_after: Annotated[int, typer.Option(help="End an alarm after this many consecutive rows under it.")] = 1,
     rows: Annotated[int | None, typer.Option(help="Use only the first ROWS rows of TRAIN.")] = None,
     time_col: Annotated[str | None, typer.Option("--time-col", help="Timestamp column (else detected).")] = None,
     drop: Annotated[str | None, typer.Option(help="Columns to ignore, e.g. anomaly,changepoint.")] = None,
@@ -113,7 +116,8 @@ def adapt(
 
     frame = pd.DataFrame(values, columns=table.channels)
     det = AnomalyDetector(base=base, method=method, rank=rank, steps=steps, seed=seed,
-                          target_far=target_far, threshold=threshold)
+                          target_far=target_far, threshold=threshold, raise_after=raise_after,
+                          clear_after=clear_after)
     with _progress() as progress:
         task = progress.add_task(f"adapting {method} on {base}", total=steps, status="")
 
@@ -182,6 +186,9 @@ def info(adapter: Annotated[Path, typer.Argument(help="Adapter directory written
         ("trainable", f"{details['trainable_parameters']:,} ({100 * details['trainable_share']:.2f} % of base)"),
         ("adapter bytes", f"{details['adapter_bytes']:,} ({details['adapter_bytes'] / 1024:.1f} KB)"),
         ("threshold", f"{details['threshold']:.6g} ({details['threshold_kind']}, target FAR {details['target_far']})"),
+        ("alarm persistence", "off (every row over the threshold is flagged)"
+         if details["raise_after"] == 1 and details["clear_after"] == 1
+         else f"raise after {details['raise_after']} rows over, clear after {details['clear_after']} rows under"),
         ("adapt seconds", f"{details['adapt_seconds']:.2f}"),
     ]
     for key, value in rows:

@@ -178,3 +178,18 @@ def test_skab_file_adapt_and_score(tmp_path: Path) -> None:
     scores = pd.read_csv(tmp_path / "s.csv")
     assert len(scores) == n_rows
     assert "time" in scores.columns
+
+
+def test_alarm_persistence_options(workspace: dict[str, Path]) -> None:
+    out = workspace["root"] / "held"
+    result = run("adapt", str(workspace["train"]), "--out", str(out), "--base", "tiny", "--steps", "5",
+                 "--drop", "anomaly", "--raise-after", "3", "--clear-after", "5")
+    assert result.returncode == 0, result.stderr
+    info = run("info", str(out))
+    assert info.returncode == 0, info.stderr
+    assert "raise after 3 rows over, clear after 5 rows under" in info.stdout
+    assert "off (every row" in run("info", str(workspace["adapter"])).stdout
+    bad = run("adapt", str(workspace["train"]), "--out", str(workspace["root"] / "bad"), "--base", "tiny",
+              "--drop", "anomaly", "--raise-after", "0")
+    assert_clean_failure(bad, "raise_after")
+    assert not (workspace["root"] / "bad").exists()

@@ -33,7 +33,7 @@ from edgepeft.core.errors import ConfigError, DataError
 from edgepeft.data.csvio import validate_array
 from edgepeft.data.scaler import ChannelScaler
 from edgepeft.detect.scoring import trailing_mean
-from edgepeft.detect.threshold import CalibratedOutputs, ScoreCalibrator, make_threshold
+from edgepeft.detect.threshold import CalibratedOutputs, ScoreCalibrator, check_persistence, make_threshold
 
 # Fewer fit rows than this and a variance, a PCA or a forest is noise, not a model of "normal".
 MIN_FIT_ROWS = 20
@@ -62,12 +62,16 @@ class BaselineDetector(CalibratedOutputs):
         smoothing: int = 8,
         calib_fraction: float = 0.2,
         seed: int = 0,
+        raise_after: int = 1,
+        clear_after: int = 1,
     ) -> None:
         self.target_far = target_far
         self.threshold = threshold
         self.smoothing = smoothing
         self.calib_fraction = calib_fraction
         self.seed = seed
+        self.raise_after = raise_after
+        self.clear_after = clear_after
 
     # ------------------------------------------------------------------ hooks for subclasses
     def _check_model_params(self) -> None:
@@ -87,6 +91,7 @@ class BaselineDetector(CalibratedOutputs):
             raise ConfigError(f"smoothing must be >= 1 row, got {self.smoothing}")
         if not 0.05 <= self.calib_fraction <= 0.5:
             raise ConfigError(f"calib_fraction must be in [0.05, 0.5], got {self.calib_fraction}")
+        check_persistence(self.raise_after, self.clear_after)
         self._check_model_params()
 
     # ------------------------------------------------------------------ fit
@@ -163,9 +168,12 @@ class IsolationForestDetector(BaselineDetector):
         smoothing: int = 8,
         calib_fraction: float = 0.2,
         seed: int = 0,
+        raise_after: int = 1,
+        clear_after: int = 1,
     ) -> None:
         super().__init__(
-            target_far=target_far, threshold=threshold, smoothing=smoothing, calib_fraction=calib_fraction, seed=seed
+            target_far=target_far, threshold=threshold, smoothing=smoothing, calib_fraction=calib_fraction, seed=seed,
+            raise_after=raise_after, clear_after=clear_after,
         )
         self.n_estimators = n_estimators
 
@@ -209,9 +217,12 @@ class PCADetector(BaselineDetector):
         smoothing: int = 8,
         calib_fraction: float = 0.2,
         seed: int = 0,
+        raise_after: int = 1,
+        clear_after: int = 1,
     ) -> None:
         super().__init__(
-            target_far=target_far, threshold=threshold, smoothing=smoothing, calib_fraction=calib_fraction, seed=seed
+            target_far=target_far, threshold=threshold, smoothing=smoothing, calib_fraction=calib_fraction, seed=seed,
+            raise_after=raise_after, clear_after=clear_after,
         )
         self.variance = variance
 
@@ -267,9 +278,12 @@ class MovingVarianceDetector(BaselineDetector):
         smoothing: int = 8,
         calib_fraction: float = 0.2,
         seed: int = 0,
+        raise_after: int = 1,
+        clear_after: int = 1,
     ) -> None:
         super().__init__(
-            target_far=target_far, threshold=threshold, smoothing=smoothing, calib_fraction=calib_fraction, seed=seed
+            target_far=target_far, threshold=threshold, smoothing=smoothing, calib_fraction=calib_fraction, seed=seed,
+            raise_after=raise_after, clear_after=clear_after,
         )
         self.window = window
 

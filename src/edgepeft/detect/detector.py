@@ -18,6 +18,9 @@ How a score is made, and why:
 4. A trailing (causal) mean over ``smoothing`` rows: real faults are collective, single-row noise is not.
 5. A threshold is calibrated on held-out *normal* rows for a target false-alarm rate (quantile or
    peaks-over-threshold), and the same held-out scores calibrate ``p_anomaly``.
+6. Optionally, alarm persistence (``raise_after`` / ``clear_after`` rows, default 1 / 1: off): an alarm
+   starts only after that many consecutive rows over the threshold and ends after that many under it, so one
+   fault raises one alert instead of a flicker (:func:`~edgepeft.detect.threshold.persist_alarms`).
 
 Example:
     >>> import numpy as np
@@ -58,7 +61,13 @@ from edgepeft.detect.scoring import (
     evidence_weights,
     slow_share,
 )
-from edgepeft.detect.threshold import CalibratedOutputs, ScoreCalibrator, make_threshold, threshold_from_dict
+from edgepeft.detect.threshold import (
+    CalibratedOutputs,
+    ScoreCalibrator,
+    check_persistence,
+    make_threshold,
+    threshold_from_dict,
+)
 from edgepeft.models.registry import list_bases, load_base, load_card, state_sha256
 from edgepeft.peft import PeftConfig, get_method, list_methods, parameter_report
 from edgepeft.train.adapt import AdaptConfig, adapt
@@ -93,6 +102,8 @@ class AnomalyDetector(CalibratedOutputs):
         channel_agg: str = "max",
         slow_channel_share: float | None = 0.3,
         micro_batch: int | None = 8,
+        raise_after: int = 1,
+        clear_after: int = 1,
     ) -> None:
         self.base = base
         self.method = method
@@ -110,6 +121,8 @@ class AnomalyDetector(CalibratedOutputs):
         self.channel_agg = channel_agg
         self.slow_channel_share = slow_channel_share
         self.micro_batch = micro_batch
+        self.raise_after = raise_after
+        self.clear_after = clear_after
 
     # ------------------------------------------------------------------ validation
     def _check_params(self) -> None:
@@ -133,6 +146,7 @@ class AnomalyDetector(CalibratedOutputs):
             raise ConfigError(f"channel_agg must be one of {', '.join(CHANNEL_AGGS)}, got {self.channel_agg!r}")
         if self.slow_channel_share is not None and not 0.0 <= self.slow_channel_share <= 1.0:
             raise ConfigError(f"slow_channel_share must be in [0, 1] or None, got {self.slow_channel_share}")
+        check_persistence(self.raise_after, self.clear_after)
 
     def _peft_config(self) -> PeftConfig:
         # Default: adapters in the cross-channel block only. The frozen temporal blocks then run once
@@ -460,6 +474,8 @@ class AnomalyDetector(CalibratedOutputs):
             "channel_agg": self.channel_agg,
             "slow_channel_share": self.slow_channel_share,
             "micro_batch": self.micro_batch,
+            "raise_after": self.raise_after,
+            "clear_after": self.clear_after,
         }
 
     def info(self, directory: str | Path | None = None) -> dict[str, Any]:
@@ -479,6 +495,8 @@ class AnomalyDetector(CalibratedOutputs):
             "threshold": self.threshold_,
             "threshold_kind": self.threshold,
             "target_far": self.target_far,
+            "raise_after": self.raise_after,
+            "clear_after": self.clear_after,
             "adapt_seconds": float(self.report_["adapt_seconds"]),
         }
         if directory is not None:

@@ -353,6 +353,51 @@ class ScoreCalibrator:
         return obj
 
 
+def check_persistence(raise_after: Any, clear_after: Any) -> None:
+    """Raise ConfigError unless both alarm-persistence settings are whole numbers of rows >= 1."""
+    for name, value in (("raise_after", raise_after), ("clear_after", clear_after)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ConfigError(f"{name} must be a whole number of rows >= 1, got {value!r}")
+
+
+def persist_alarms(above: Any, raise_after: int = 1, clear_after: int = 1) -> np.ndarray:
+    """Alarm state per row from "score over threshold" flags: an alarm starts at the ``raise_after``-th
+    consecutive row over the threshold and ends at the ``clear_after``-th consecutive row under it.
+
+    Causal (a row's state depends on it and earlier rows only), like an alerting rule's "for" duration. Its
+    purpose: a flickering alarm raises and clears many times during one fault, and each edge is a false
+    changepoint to whoever watches it (see ``studies/scoring-2026-11``). 1 and 1 (the defaults) return the
+    flags unchanged. Only the rows passed together are seen, as with the score's smoothing.
+
+    >>> persist_alarms([1, 0, 1, 1, 1, 0, 1, 0, 0, 0], raise_after=2, clear_after=2).astype(int).tolist()
+    [0, 0, 0, 1, 1, 1, 1, 1, 0, 0]
+    """
+    check_persistence(raise_after, clear_after)
+    flags = np.asarray(above, dtype=bool).ravel()
+    if raise_after == 1 and clear_after == 1:
+        return flags.copy()
+    out = np.zeros(len(flags), dtype=bool)
+    if len(flags) == 0:
+        return out
+    # Walk the runs of equal flags, not the rows: the state only changes inside a long enough run.
+    edges = np.flatnonzero(np.diff(flags.astype(np.int8))) + 1
+    starts = np.concatenate([[0], edges])
+    stops = np.concatenate([edges, [len(flags)]])
+    on = False
+    for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
+        if flags[start]:
+            if on:
+                out[start:stop] = True
+            elif stop - start >= raise_after:
+                out[start + raise_after - 1 : stop] = True
+                on = True
+        elif on:
+            keep = min(stop - start, clear_after - 1)  # rows still alarmed before the clear_after-th normal row
+            out[start : start + keep] = True
+            on = stop - start < clear_after
+    return out
+
+
 class CalibratedOutputs:
     """``predict_proba`` / ``predict`` / ``score_all`` from a detector's ``score``, ``calibrator_`` and ``threshold_``:
     one definition for our detector and the classical baselines, so they answer alike.
@@ -366,6 +411,8 @@ class CalibratedOutputs:
 
     threshold_: float
     calibrator_: ScoreCalibrator
+    raise_after: int = 1
+    clear_after: int = 1
 
     def score(self, X: Any) -> np.ndarray:  # pragma: no cover - every user defines it
         raise NotImplementedError
@@ -375,8 +422,12 @@ class CalibratedOutputs:
         return self.calibrator_.transform(self.score(X))
 
     def predict(self, X: Any) -> np.ndarray:
-        """0/1 per row: 1 where the score exceeds the calibrated threshold."""
-        return (self.score(X) > self.threshold_).astype(np.int8)
+        """0/1 per row: 1 where the score exceeds the calibrated threshold (held for ``raise_after`` /
+        ``clear_after`` rows when those are set, see :func:`persist_alarms`)."""
+        return self._alarms(self.score(X))
+
+    def _alarms(self, score: np.ndarray) -> np.ndarray:
+        return persist_alarms(score > self.threshold_, self.raise_after, self.clear_after).astype(np.int8)
 
     def score_all(self, X: Any) -> dict[str, np.ndarray]:
         """score, p_anomaly and anomaly in one pass."""
@@ -384,5 +435,5 @@ class CalibratedOutputs:
         return {
             "score": score,
             "p_anomaly": self.calibrator_.transform(score),
-            "anomaly": (score > self.threshold_).astype(np.int8),
+            "anomaly": self._alarms(score),
         }

@@ -112,13 +112,16 @@ def test_unfitted_and_too_short(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_params_are_stored_unchanged(name: str) -> None:
-    det = BASELINES[name](smoothing=3, target_far=0.05)
+    det = BASELINES[name](smoothing=3, target_far=0.05, raise_after=2)
     params = det.get_params()
-    assert params["smoothing"] == 3 and params["target_far"] == 0.05
+    assert params["smoothing"] == 3 and params["target_far"] == 0.05 and params["raise_after"] == 2
     assert type(det)(**params).get_params() == params
 
 
-@pytest.mark.parametrize(("setting", "value"), [("smoothing", 0), ("target_far", 0.7), ("calib_fraction", 0.9)])
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("smoothing", 0), ("target_far", 0.7), ("calib_fraction", 0.9), ("raise_after", 0), ("clear_after", -1)],
+)
 def test_bad_settings_are_config_errors(setting: str, value: float, data: tuple[np.ndarray, ...]) -> None:
     with pytest.raises(ConfigError, match=setting):
         BASELINES["sqdiff"](**{setting: value}).fit(data[0])
@@ -134,3 +137,14 @@ def test_trailing_mean_averages_what_exists() -> None:
     values = np.arange(6.0).reshape(3, 2)
     np.testing.assert_allclose(trailing_mean(values, 2), [[0, 1], [1, 2], [3, 4]])
     np.testing.assert_allclose(trailing_mean(values, 1), values)
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_baselines_hold_alarms_like_our_detector(name: str, data: tuple[np.ndarray, ...]) -> None:
+    from edgepeft.detect.threshold import persist_alarms
+
+    det = BASELINES[name](raise_after=3, clear_after=2).fit(data[0])
+    test = data[1]
+    expected = persist_alarms(det.score(test) > det.threshold_, 3, 2).astype(np.int8)
+    assert np.array_equal(det.predict(test), expected)
+    assert np.array_equal(det.score_all(test)["anomaly"], expected)

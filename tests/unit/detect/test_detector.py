@@ -262,3 +262,42 @@ def test_numbers_scores_depend_on_are_checked_when_a_detector_is_read(
     (path / "detector.json").write_text(json.dumps(state))
     with pytest.raises(ArtifactError, match=f"malformed.*{field}"):
         AnomalyDetector.load(path)
+
+
+def test_alarm_persistence_is_applied_saved_and_validated(tmp_path) -> None:
+    from edgepeft.detect.threshold import persist_alarms
+
+    train, test, _ = _with_fault()
+    det = AnomalyDetector(base="tiny", method="lora", rank=4, steps=5, raise_after=4, clear_after=3).fit(train)
+    scores = det.score(test)
+    expected = persist_alarms(scores > det.threshold_, 4, 3).astype(np.int8)
+    assert np.array_equal(det.predict(test), expected)
+    assert np.array_equal(det.score_all(test)["anomaly"], expected)
+    # The persistence changed something here, so the comparison above is not vacuous.
+    assert not np.array_equal(expected, (scores > det.threshold_).astype(np.int8))
+    loaded = AnomalyDetector.load(det.save(tmp_path / "persist"))
+    assert (loaded.raise_after, loaded.clear_after) == (4, 3)
+    assert np.array_equal(loaded.predict(test), expected)
+    assert det.info()["raise_after"] == 4
+    for bad in ({"raise_after": 0}, {"clear_after": 2.5}):
+        with pytest.raises(ConfigError, match="whole number of rows"):
+            AnomalyDetector(base="tiny", steps=5, **bad).fit(train)
+
+
+def test_detectors_saved_before_alarm_persistence_flag_every_row_over_the_threshold(
+    fitted: AnomalyDetector, tmp_path
+) -> None:
+    import json
+
+    path = fitted.save(tmp_path / "old")
+    state = json.loads((path / "detector.json").read_text())
+    del state["params"]["raise_after"], state["params"]["clear_after"]
+    (path / "detector.json").write_text(json.dumps(state))
+    old = AnomalyDetector.load(path)
+    _, test, _ = _with_fault()
+    assert (old.raise_after, old.clear_after) == (1, 1)
+    assert np.array_equal(old.predict(test), (old.score(test) > old.threshold_).astype(np.int8))
+    state["params"]["raise_after"] = -2  # a damaged file: refused when read, never half-applied
+    (path / "detector.json").write_text(json.dumps(state))
+    with pytest.raises(ArtifactError, match="raise_after"):
+        AnomalyDetector.load(path)

@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgepeft.core.errors import ArtifactError, ConfigError, DataError, ModelError
 from edgepeft.detect.threshold import (
@@ -15,6 +17,7 @@ from edgepeft.detect.threshold import (
     fit_gpd,
     gpd_quantile,
     make_threshold,
+    persist_alarms,
     threshold_from_dict,
 )
 
@@ -228,3 +231,48 @@ def test_calibrator_errors():
         ScoreCalibrator.from_dict(broken)
     with pytest.raises(ConfigError, match="n_quantiles"):
         ScoreCalibrator(n_quantiles=2).fit(np.arange(30.0))
+
+
+# ------------------------------------------------------------------------------------------------ persistence
+
+
+def _reference_persistence(flags: list[bool], raise_after: int, clear_after: int) -> list[bool]:
+    """The rule row by row, as an alerting engine states it (an independent implementation)."""
+    out, on, over, under = [], False, 0, 0
+    for flag in flags:
+        over, under = (over + 1, 0) if flag else (0, under + 1)
+        if not on and over >= raise_after:
+            on = True
+        elif on and under >= clear_after:
+            on = False
+        out.append(on)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    flags=st.lists(st.booleans(), max_size=80),
+    raise_after=st.integers(1, 6),
+    clear_after=st.integers(1, 6),
+)
+def test_persistence_matches_the_row_by_row_rule(flags, raise_after, clear_after):
+    got = persist_alarms(np.array(flags, dtype=bool), raise_after, clear_after)
+    assert got.tolist() == _reference_persistence(flags, raise_after, clear_after)
+
+
+def test_persistence_hand_cases():
+    flags = np.array([0, 1, 1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 0], dtype=bool)
+    assert persist_alarms(flags).tolist() == flags.tolist()  # 1 / 1: unchanged
+    # A two-row blip stays quiet; the three-row run raises at its third row.
+    assert persist_alarms(flags, 3, 1).astype(int).tolist() == [0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+    # Held through gaps shorter than three normal rows; cleared at the third.
+    assert persist_alarms(flags, 1, 3).astype(int).tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0]
+    assert persist_alarms(np.zeros(0, dtype=bool), 4, 4).shape == (0,)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", None])
+def test_persistence_settings_are_validated(bad):
+    with pytest.raises(ConfigError, match="whole number of rows"):
+        persist_alarms(np.ones(5, dtype=bool), raise_after=bad)
+    with pytest.raises(ConfigError, match="clear_after"):
+        persist_alarms(np.ones(5, dtype=bool), clear_after=bad)

@@ -594,3 +594,24 @@ def test_a_state_json_flush_failing_after_its_rename_is_reported(
         assert "edgepeft_unconfirmed_commits_total 1" in runtime.metrics.render()
     with _open(state, resident, trusted_keys=[keys["public"]]) as runtime:
         assert runtime.state.asset(ASSET).active == "1"
+
+
+def test_alarm_persistence_travels_in_the_bundle_and_applies_on_the_device(
+    tmp_path: Path, resident: ResidentBase, versions: list[Path], keys: dict[str, object]
+) -> None:
+    import json
+
+    from edgepeft.detect.threshold import persist_alarms
+
+    held = tmp_path / "held"
+    shutil.copytree(versions[0], held)
+    state = json.loads((held / "detector.json").read_text())
+    state["params"].update(raise_after=3, clear_after=2)
+    (held / "detector.json").write_text(json.dumps(state))
+    offline = AnomalyDetector.load(held)
+    expected = persist_alarms(offline.score(ROWS) > offline.threshold_, 3, 2).astype(np.int8)
+    assert np.array_equal(offline.predict(ROWS), expected)
+    with _open(tmp_path / "state", resident, trusted_keys=[keys["public"]]) as runtime:
+        runtime.install_bundle(bundle(held, keys["trusted"], "1", 1))
+        served = runtime.score(ASSET, ROWS)[1]
+    assert np.array_equal(served["anomaly"], expected)
