@@ -69,10 +69,19 @@ def stage_bytes(path: str | os.PathLike[str], payload: bytes) -> Path:
     return Path(tmp)
 
 
+def _json_default(value: Any) -> Any:
+    # Settings often arrive as numpy scalars (a value read from an array, a grid search): write them as the
+    # numbers they are instead of failing the save.
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
-    """Atomically write ``data`` as indented JSON with ``schema_version`` added."""
+    """Atomically write ``data`` as indented JSON with ``schema_version`` added (numpy scalars as numbers)."""
     payload = {"schema_version": SCHEMA_VERSION, **data}
-    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+    text = json.dumps(payload, indent=2, sort_keys=True, default=_json_default)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:

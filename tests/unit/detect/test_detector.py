@@ -301,3 +301,12 @@ def test_detectors_saved_before_alarm_persistence_flag_every_row_over_the_thresh
     (path / "detector.json").write_text(json.dumps(state))
     with pytest.raises(ArtifactError, match="raise_after"):
         AnomalyDetector.load(path)
+
+
+def test_settings_given_as_numpy_scalars_save_as_plain_numbers(tmp_path) -> None:
+    """A setting read from an array (a grid search) is an np.int64: the save must not fail on it."""
+    det = AnomalyDetector(base="tiny", method="lora", rank=4, steps=np.int64(3), raise_after=np.int64(2))
+    det.fit(sine_series(400, 2))
+    loaded = AnomalyDetector.load(det.save(tmp_path / "np"))
+    assert (loaded.steps, loaded.raise_after) == (3, 2)
+    assert type(loaded.raise_after) is int
