@@ -24,8 +24,6 @@ def errors3(det, scaled):
         w = torch.from_numpy(windows[s:e]); h = torch.from_numpy(hidden[s:e])
         fa, ma, sa = enc.temporal_features(w, h)
         out[s:e, :, :, 0] = enc.mix(fa, ma, sa)[:, -P:, :].numpy()
-        h2 = h.clone(); h2[:, :, -1] = False
-        h2 = h2 | torch.from_numpy(hidden[s:e]).clone().fill_(False)  # nothing hidden except padding
         pad = torch.from_numpy(hidden[s:e]).clone(); pad[:, :, -1] = False  # padding only
         fb, mb, sb = enc.temporal_features(w, pad)
         rows = torch.arange(b * C); ch = rows % C
