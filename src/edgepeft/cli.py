@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -29,7 +30,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Per-asset PEFT adapters on a frozen pretrained sensor encoder: adapt, score, inspect, demo.",
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a status or error line stays one line, whatever the width
 out_console = Console()
 
 
@@ -47,6 +48,16 @@ def _progress() -> Progress:
 
 def _split(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def _one_line(text: str) -> str:
+    """``text`` on a single line, safe to print through rich (no markup read from it)."""
+    return escape(" ".join(str(text).splitlines()).strip())
+
+
+def _error(message: str) -> None:
+    """The error line on stderr: one line whatever the terminal width (README promise), never wrapped."""
+    console.print(f"[red]error:[/] {_one_line(message)}", highlight=False, soft_wrap=True)
 
 
 def check_writable(path: Path, *, directory: bool = False) -> None:
@@ -70,6 +81,11 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise OutputError(f"cannot write {path} ({exc.strerror or exc})") from exc
 
 
+def _warn(message: str) -> None:
+    """A warning as one yellow line on stderr, never wrapped."""
+    console.print(f"[yellow]warning:[/] {_one_line(message)}", highlight=False, soft_wrap=True)
+
+
 @contextlib.contextmanager
 def _warnings_to_console() -> Iterator[None]:
     """Show data warnings (e.g. filled gaps) as one yellow line each instead of Python's format."""
@@ -82,7 +98,7 @@ def _warnings_to_console() -> Iterator[None]:
             for item in caught:
                 message = str(item.message)
                 if message not in seen and not issubclass(item.category, DeprecationWarning | FutureWarning):
-                    console.print(f"[yellow]warning:[/] {message}", highlight=False)
+                    _warn(message)
                     seen.add(message)
 
 
@@ -100,7 +116,7 @@ def adapt(
     raise_after: Annotated[int, typer.Option(help="Alarm only after this many consecutive rows over the "
                                              "threshold (1: every such row).")] = 1,
     clear_after: Annotated[int, typer.Option(help="End an alarm after this many consecutive rows under it.")] = 1,
-    rows: Annotated[int | None, typer.Option(help="Use only the first ROWS rows of TRAIN.")] = None,
+    rows: Annotated[int | None, typer.Option(min=1, help="Use only the first ROWS rows of TRAIN.")] = None,
     time_col: Annotated[str | None, typer.Option("--time-col", help="Timestamp column (else detected).")] = None,
     drop: Annotated[str | None, typer.Option(help="Columns to ignore, e.g. anomaly,changepoint.")] = None,
 ) -> None:
@@ -112,6 +128,9 @@ def adapt(
     with _warnings_to_console():
         table = read_sensor_csv(train, time_col=time_col, drop=_split(drop))
     values = table.values if rows is None else table.values[:rows]
+    if rows is not None and rows > len(table.values):
+        _warn(f"{train} has only {len(table.values)} rows, fewer than --rows {rows}: all {len(table.values)} "
+              "are used for training (make sure none of them is anomalous)")
     import pandas as pd
 
     frame = pd.DataFrame(values, columns=table.channels)
@@ -284,13 +303,43 @@ def _limit_threads() -> None:
         os.environ.setdefault(var, threads)
 
 
-def main() -> None:
-    """Entry point: run the app, turning our errors into one line and a non-zero exit."""
-    _limit_threads()
+def _click_exceptions() -> tuple[type[Exception], type[Exception], type[Exception] | None]:
+    """``(ClickException, UsageError, NoArgsIsHelpError)`` of the click that typer runs on.
+
+    typer >= 0.29 ships its own copy of click (``typer._click``): ``click.ClickException`` never matches what
+    it raises. Older typer raises click's own classes (where ``NoArgsIsHelpError`` may not exist yet).
+    """
     try:
-        app(standalone_mode=False)
+        from typer._click import exceptions as click_exceptions
+    except ImportError:  # typer < 0.29 runs on click itself
+        from click import exceptions as click_exceptions  # type: ignore[no-redef]
+    no_args: type[Exception] | None = getattr(click_exceptions, "NoArgsIsHelpError", None)
+    return click_exceptions.ClickException, click_exceptions.UsageError, no_args
+
+
+def _usage_message(exc: Exception) -> str:
+    """A click usage error as one line naming the problem and where help is, e.g.
+    ``missing argument 'train' (see: edgepeft adapt --help)``."""
+    message = " ".join(exc.format_message().split()).rstrip(".")  # type: ignore[attr-defined]
+    if message[:1].isupper() and message[1:2].islower():
+        message = message[0].lower() + message[1:]
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "edgepeft"
+    return f"{message} (see: {command} --help)"
+
+
+def main() -> None:
+    """Entry point: run the app, turning our errors into one line and a non-zero exit.
+
+    Our errors exit with their code (2 for bad input), usage mistakes (missing argument, bad value, unknown
+    command or option) exit 2 like every click program, an unexpected error exits 1.
+    """
+    _limit_threads()
+    click_exception, usage_error, no_args_is_help = _click_exceptions()
+    try:
+        app(prog_name="edgepeft", standalone_mode=False)
     except EdgePeftError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        _error(str(exc))
         sys.exit(exc.exit_code)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
@@ -298,18 +347,22 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]")
         sys.exit(130)
+    except typer.Abort:
+        _error("aborted")
+        sys.exit(1)
     except Exception as exc:  # noqa: BLE001 - the user gets one line; EDGEPEFT_DEBUG shows the traceback
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
+        if no_args_is_help is not None and isinstance(exc, no_args_is_help):
+            exc.show()  # type: ignore[attr-defined]  # `edgepeft` or `edgepeft bench` alone: the help
+            sys.exit(2)
+        if isinstance(exc, usage_error):
+            _error(_usage_message(exc))
+            sys.exit(2)
+        if isinstance(exc, click_exception):
+            _error(exc.format_message())  # type: ignore[attr-defined]
+            sys.exit(getattr(exc, "exit_code", 1))
         if os.environ.get("EDGEPEFT_DEBUG"):
             raise
-        console.print(f"[red]error:[/] unexpected {type(exc).__name__}: {exc} (set EDGEPEFT_DEBUG=1 for details)",
-                      highlight=False)
+        _error(f"unexpected {type(exc).__name__}: {exc} (set EDGEPEFT_DEBUG=1 for details)")
         sys.exit(1)
 
 

@@ -221,10 +221,15 @@ def main() -> None:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code if isinstance(code, int) else 0)
     except Exception as exc:  # noqa: BLE001 - one line, as the CLI does
-        import click
+        try:  # typer >= 0.29 runs on its own copy of click: click.ClickException never matches what it raises
+            from typer._click.exceptions import ClickException
+        except ImportError:
+            from click.exceptions import ClickException  # type: ignore[assignment]
+        if isinstance(exc, ClickException):  # a usage mistake: one line, exit 2
+            from rich.markup import escape
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
+            _console().print(f"[red]error:[/] {escape(' '.join(exc.format_message().split()))}", highlight=False,
+                             soft_wrap=True)
             sys.exit(exc.exit_code)
         if os.environ.get("EDGEPEFT_DEBUG"):
             raise
