@@ -47,7 +47,7 @@ def fitted(request: pytest.FixtureRequest, data: tuple[np.ndarray, ...]) -> Base
 
 
 def test_registry_names() -> None:
-    assert sorted(BASELINES) == ["iforest", "movvar", "pca", "sqdiff"]
+    assert sorted(BASELINES) == ["cnn", "iforest", "knn", "movvar", "pca", "sqdiff"]
 
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
@@ -148,3 +148,110 @@ def test_baselines_hold_alarms_like_our_detector(name: str, data: tuple[np.ndarr
     expected = persist_alarms(det.score(test) > det.threshold_, 3, 2).astype(np.int8)
     assert np.array_equal(det.predict(test), expected)
     assert np.array_equal(det.score_all(test)["anomaly"], expected)
+
+
+# ---------------------------------------------------------------------------------------------- knn and cnn
+NEW_BASELINES = ["cnn", "knn"]
+SHIFT_AT = 300
+
+
+@pytest.fixture(scope="module")
+def shift_data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(5)
+    return _series(rng, 1200), _series(rng, 500)
+
+
+@pytest.fixture(scope="module", params=NEW_BASELINES)
+def fitted_new(request: pytest.FixtureRequest, shift_data: tuple[np.ndarray, np.ndarray]) -> BaselineDetector:
+    return BASELINES[request.param]().fit(shift_data[0])
+
+
+def test_new_baselines_flag_a_level_shift(fitted_new: BaselineDetector, shift_data: tuple[np.ndarray, ...]) -> None:
+    test = shift_data[1].copy()
+    test[SHIFT_AT:, 3] += 0.5  # ~1.4 standard deviations: the load follower leaves the load
+    scores = fitted_new.score(test)
+    before = scores[40:SHIFT_AT]  # past the first rows, whose history is short
+    assert scores[SHIFT_AT + 2:].min() > before.max()
+    assert scores[SHIFT_AT:].mean() > 2.5 * before.mean()
+    assert fitted_new.predict(test)[SHIFT_AT + 10:].mean() > 0.9
+
+
+def test_new_baselines_flag_a_spike(fitted_new: BaselineDetector, shift_data: tuple[np.ndarray, ...]) -> None:
+    test = shift_data[1].copy()
+    test[SHIFT_AT, 2] += 5.0  # one row, ~3.5 standard deviations
+    scores = fitted_new.score(test)
+    assert scores[SHIFT_AT:SHIFT_AT + 8].max() > 1.2 * scores[40:SHIFT_AT].max()
+    assert scores[SHIFT_AT:SHIFT_AT + 8].max() > fitted_new.threshold_
+
+
+def test_new_baselines_are_causal(fitted_new: BaselineDetector, shift_data: tuple[np.ndarray, ...]) -> None:
+    """Rewriting every row after t leaves the scores up to t as they were (raw and smoothed)."""
+    test = shift_data[1]
+    changed = test.copy()
+    changed[201:] = np.random.default_rng(9).normal(scale=5.0, size=changed[201:].shape)
+    scaled, scaled_changed = fitted_new.scaler_.transform(test), fitted_new.scaler_.transform(changed)
+    np.testing.assert_allclose(fitted_new._raw_scores(scaled_changed)[:201], fitted_new._raw_scores(scaled)[:201],
+                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(fitted_new.score(changed)[:201], fitted_new.score(test)[:201], rtol=1e-9, atol=1e-12)
+    assert not np.allclose(fitted_new.score(changed)[201:], fitted_new.score(test)[201:])
+
+
+@pytest.mark.parametrize("name", NEW_BASELINES)
+def test_new_baselines_are_deterministic(name: str, shift_data: tuple[np.ndarray, ...]) -> None:
+    train, test = shift_data
+    # knn: a fit subset smaller than the fit rows, so the seed picks which rows the model keeps.
+    params = {"steps": 60} if name == "cnn" else {"max_fit_points": 300}
+    first = BASELINES[name](**params, seed=3).fit(train).score(test)
+    np.testing.assert_array_equal(BASELINES[name](**params, seed=3).fit(train).score(test), first)
+    assert not np.allclose(BASELINES[name](**params, seed=4).fit(train).score(test), first)
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "match"),
+    [
+        ("knn", {"n_neighbors": 0}, "n_neighbors"),
+        ("knn", {"window": 1}, "window"),
+        ("knn", {"method": "max"}, "method"),
+        ("knn", {"max_fit_points": 5}, "max_fit_points"),
+        ("knn", {"n_neighbors": 2000, "max_fit_points": 5000}, "n_neighbors"),  # more neighbours than fit rows
+        ("cnn", {"history": 3}, "history"),
+        ("cnn", {"steps": 0}, "steps"),
+        ("cnn", {"batch_size": 0}, "batch_size"),
+        ("cnn", {"lr": 0.0}, "lr"),
+        ("cnn", {"filters": 0}, "filters"),
+    ],
+)
+def test_new_baselines_bad_params_are_config_errors(
+    name: str, params: dict[str, float], match: str, shift_data: tuple[np.ndarray, ...]
+) -> None:
+    det = BASELINES[name](**params)
+    assert det.get_params()[next(iter(params))] == next(iter(params.values()))  # stored unchanged
+    with pytest.raises(ConfigError, match=match):
+        det.fit(shift_data[0])
+
+
+def test_knn_subsamples_the_fit_rows(shift_data: tuple[np.ndarray, ...]) -> None:
+    train = shift_data[0]
+    det = BASELINES["knn"](max_fit_points=200).fit(train)
+    assert det.n_fit_points_ == 200 < det.n_fit_rows_
+    assert BASELINES["knn"]().fit(train).n_fit_points_ == det.n_fit_rows_  # 960 fit rows: all kept
+
+
+def test_fitted_new_baselines_pickle(fitted_new: BaselineDetector, shift_data: tuple[np.ndarray, ...]) -> None:
+    """The cost measurement pickles a fitted baseline into a fresh process: it must score the same there."""
+    import pickle
+
+    restored = pickle.loads(pickle.dumps(fitted_new))
+    np.testing.assert_array_equal(restored.score(shift_data[1]), fitted_new.score(shift_data[1]))
+
+
+def test_cnn_leaves_torch_threads_and_rng_alone(shift_data: tuple[np.ndarray, ...]) -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    state = torch.get_rng_state()
+    det = BASELINES["cnn"](steps=5).fit(shift_data[0])
+    det.score(shift_data[1])
+    assert torch.get_num_threads() == threads
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(isinstance(value, np.ndarray) for value in det.weights_.values())  # no torch state kept
