@@ -77,15 +77,15 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
+def write_json(path: str | os.PathLike[str], data: dict[str, Any], version: int = SCHEMA_VERSION) -> None:
     """Atomically write ``data`` as indented JSON with ``schema_version`` added (numpy scalars as numbers)."""
-    payload = {"schema_version": SCHEMA_VERSION, **data}
+    payload = {"schema_version": version, **data}
     text = json.dumps(payload, indent=2, sort_keys=True, default=_json_default)
     atomic_write_bytes(path, (text + "\n").encode())
 
 
-def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read JSON written by :func:`write_json`, checking the schema version."""
+def read_json(path: str | os.PathLike[str], versions: tuple[int, ...] = (SCHEMA_VERSION,)) -> dict[str, Any]:
+    """Read JSON written by :func:`write_json`, checking the schema version is one of ``versions``."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -96,6 +96,7 @@ def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ArtifactError(f"{path} does not hold a JSON object; the artifact is corrupt")
     version = data.pop("schema_version", None)
-    if version != SCHEMA_VERSION:
-        raise ArtifactError(f"{path} has schema_version {version!r}; this edgepeft reads {SCHEMA_VERSION}")
+    if version not in versions:
+        readable = " or ".join(str(v) for v in versions)
+        raise ArtifactError(f"{path} has schema_version {version!r}; this edgepeft reads {readable}")
     return data

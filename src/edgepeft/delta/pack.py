@@ -39,6 +39,7 @@ from edgepeft.delta.manifest import (
     validate_manifest,
 )
 from edgepeft.delta.payload import decode_payload, encode_payload, file_tensors
+from edgepeft.detect.detector import SCHEMA_VERSIONS, detector_schema
 
 # The names AnomalyDetector.save uses; repeated here (not imported) so that packing and unpacking never pull
 # in torch and peft through edgepeft.detect. tests/unit/delta checks they agree.
@@ -78,7 +79,7 @@ def pack_bundle(
     if not (directory / DETECTOR_FILE).is_file():
         raise BundleError(f"{directory} is not a detector directory (no {DETECTOR_FILE}); "
                           "give the folder `edgepeft adapt --out` wrote")
-    state = read_json(directory / DETECTOR_FILE)
+    state = read_json(directory / DETECTOR_FILE, versions=SCHEMA_VERSIONS)
     sections = detector_state_to_sections(state)
     listed = state.get("adapter_files")
     if not isinstance(listed, list) or not listed or not all(isinstance(name, str) for name in listed):
@@ -248,7 +249,7 @@ def unpack_bundle(bundle: Bundle, out_dir: str | os.PathLike[str], *, durable: b
         adapter_dir.mkdir()
         for name, blob in blobs.items():
             _write(adapter_dir / name, blob, durable)
-        write_json(staging / DETECTOR_FILE, state)  # atomic and fsynced by itself
+        write_json(staging / DETECTOR_FILE, state, version=detector_schema(state))  # atomic and fsynced by itself
         if durable:
             fsync_dir(adapter_dir)
         _swap_in(staging, target)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import json
 import shutil
 import tempfile
@@ -54,12 +55,22 @@ from edgepeft.core.errors import ArtifactError, ConfigError, DataError, OutputEr
 from edgepeft.data.csvio import validate_array
 from edgepeft.data.scaler import ChannelScaler
 from edgepeft.data.windows import scoring_windows
+from edgepeft.detect.evidence import (
+    DYNAMICS,
+    EVIDENCE_KINDS,
+    Fusion,
+    StateModel,
+    cross_fit,
+    inject_faults,
+    select_weights,
+)
 from edgepeft.detect.scoring import (
     CHANNEL_AGGS,
     channel_evidence,
     combine_errors,
     evidence_weights,
     slow_share,
+    trailing_mean,
 )
 from edgepeft.detect.threshold import (
     CalibratedOutputs,
@@ -74,6 +85,19 @@ from edgepeft.train.adapt import AdaptConfig, adapt
 
 DETECTOR_FILE = "detector.json"
 ADAPTER_DIR = "adapter"
+# 1: dynamics (forecast + blind) only, no schema_version field; 2: state evidence and fusion (Detector v2).
+SCHEMA_VERSION = 2
+SCHEMA_VERSIONS = (1, SCHEMA_VERSION)
+EVIDENCE_AUTO = "auto"
+# The weightings "auto" chooses among, per asset, by how well each finds faults injected into the asset's own
+# normal rows (Goswami et al., ICLR 2023). Level is the most fragile kind (a short recording underestimates where
+# a healthy level may wander), so it is a candidate, not a given.
+FUSION_CANDIDATES: tuple[dict[str, float], ...] = (
+    {"dynamics": 1.0, "level": 0.0, "scale": 1.0, "relation": 1.0},
+    {"dynamics": 1.0, "level": 1.0, "scale": 1.0, "relation": 1.0},
+    {"dynamics": 1.0, "level": 0.0, "scale": 0.0, "relation": 1.0},
+    {"dynamics": 1.0, "level": 0.0, "scale": 1.0, "relation": 0.0},
+)
 
 
 class AnomalyDetector(CalibratedOutputs):
@@ -104,6 +128,8 @@ class AnomalyDetector(CalibratedOutputs):
         micro_batch: int | None = 8,
         raise_after: int = 1,
         clear_after: int = 1,
+        evidence: str = EVIDENCE_AUTO,
+        state_window: int = 16,
     ) -> None:
         self.base = base
         self.method = method
@@ -123,6 +149,8 @@ class AnomalyDetector(CalibratedOutputs):
         self.micro_batch = micro_batch
         self.raise_after = raise_after
         self.clear_after = clear_after
+        self.evidence = evidence
+        self.state_window = state_window
 
     # ------------------------------------------------------------------ validation
     def _check_params(self) -> None:
@@ -147,6 +175,20 @@ class AnomalyDetector(CalibratedOutputs):
         if self.slow_channel_share is not None and not 0.0 <= self.slow_channel_share <= 1.0:
             raise ConfigError(f"slow_channel_share must be in [0, 1] or None, got {self.slow_channel_share}")
         check_persistence(self.raise_after, self.clear_after)
+        self._evidence_kinds()
+        if isinstance(self.state_window, bool) or not isinstance(self.state_window, int) or self.state_window < 2:
+            raise ConfigError(f"state_window must be a whole number of rows >= 2, got {self.state_window!r}")
+
+    def _evidence_kinds(self) -> list[str]:
+        """The kinds ``evidence`` names ("auto": all, weighted per asset)."""
+        if self.evidence == EVIDENCE_AUTO:
+            return list(EVIDENCE_KINDS)
+        kinds = [k.strip() for k in str(self.evidence).split(",") if k.strip()]
+        unknown = [k for k in kinds if k not in EVIDENCE_KINDS]
+        if unknown or not kinds:
+            raise ConfigError(f"evidence must be 'auto' or a comma list of {', '.join(EVIDENCE_KINDS)}, "
+                              f"got {self.evidence!r}")
+        return list(dict.fromkeys(kinds))
 
     def _peft_config(self) -> PeftConfig:
         # Default: adapters in the cross-channel block only. The frozen temporal blocks then run once
@@ -209,7 +251,14 @@ class AnomalyDetector(CalibratedOutputs):
         self.channel_error_ = np.maximum(
             np.maximum(errors[full_context:n_fit].mean(axis=0), errors[n_fit:].mean(axis=0)), 1e-6
         ).astype(np.float64)  # float64 like after load(): saved and fitted detectors score bit-identically
-        calib_scores = self._aggregate(errors)[n_fit:]
+        self.warmup_rows_ = window_len
+        self.state_ = StateModel(self.state_window).fit(scaled)
+        self.fusion_ = self._fit_fusion(scaled, errors, n_fit)
+        # Calibration rows: every training row with a full window of history. The state kinds are out-of-sample
+        # there (cross-fitted); the dynamics are out-of-sample on the held-out rows and in-sample (smaller, so
+        # never the maximum of a normal row for the wrong reason) before them.
+        reference = self._reference_evidence(scaled, errors)
+        calib_scores = trailing_mean(self.fusion_.raw_score(reference), self.smoothing)[min(window_len, n_fit // 2):]
         self.threshold_model_ = make_threshold(self.threshold, self.target_far).fit(calib_scores)
         self.threshold_ = float(self.threshold_model_.threshold_)
         self.calibrator_ = ScoreCalibrator().fit(calib_scores)
@@ -221,6 +270,34 @@ class AnomalyDetector(CalibratedOutputs):
             "n_calib_rows": n_calib,
         }
         return self
+
+    def _reference_evidence(self, scaled: np.ndarray, errors: np.ndarray,
+                            injected: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Per-kind (rows, channels) evidence on the training rows as calibration must see it: the state kinds
+        cross-fitted (each block scored by a model that never saw it), ``injected`` scored instead when given."""
+        kinds = self._evidence_kinds()
+        out = {k: v for k, v in cross_fit(scaled, self.state_window, scored=injected).items() if k in kinds}
+        if DYNAMICS in kinds:
+            out[DYNAMICS] = channel_evidence(errors, self.channel_error_, self.evidence_weights_)
+        return {k: out[k] for k in kinds}
+
+    def _fit_fusion(self, scaled: np.ndarray, errors: np.ndarray, n_fit: int) -> Fusion:
+        """Each kind's scale from normal out-of-sample rows; with ``evidence="auto"``, the weighting that best finds
+        faults injected into this asset's own training rows (no labels; the injected copy is scored like a test
+        series, by the adapter and by cross-fitted state models)."""
+        skip = min(self.method_.encoder(self.model_).window_len, n_fit // 2)
+        reference = self._reference_evidence(scaled, errors)
+        # Dynamics: the held-out rows only (the fitted rows' errors are in-sample, smaller than a new row's).
+        fit_rows = {k: (v[n_fit:] if k == DYNAMICS else v[skip:]) for k, v in reference.items()}
+        fusion = Fusion().fit(fit_rows)
+        if self.evidence != EVIDENCE_AUTO:
+            return fusion
+        rng = np.random.default_rng(self.seed)
+        injected, mask = inject_faults(scaled, rng, n_faults=max(8, len(scaled) // 100))
+        evidence = self._reference_evidence(scaled, self._row_errors(injected.astype(np.float32)), injected)
+        kind_scores = {k: v[skip:] for k, v in fusion.kind_scores(evidence).items()}
+        weights = select_weights(kind_scores, mask[skip:], list(FUSION_CANDIDATES), self.smoothing)
+        return fusion.fit(fit_rows, weights)
 
     # ------------------------------------------------------------------ scoring
     def _check_fitted(self) -> None:
@@ -304,8 +381,24 @@ class AnomalyDetector(CalibratedOutputs):
             errors[..., 1] = errors[..., 0]
         return errors
 
-    def _aggregate(self, errors: np.ndarray) -> np.ndarray:
-        return combine_errors(errors, self.channel_error_, self.evidence_weights_, self.smoothing, self.channel_agg)
+    def _evidence(self, scaled: np.ndarray) -> dict[str, np.ndarray]:
+        """kind -> (rows, channels) evidence of a scaled series: the one scoring core of every path (batch, stream,
+        device engines) once the engine has produced its forecast/blind errors."""
+        return self._evidence_from_errors(scaled, self._row_errors(scaled))
+
+    def _evidence_from_errors(self, scaled: np.ndarray, errors: np.ndarray) -> dict[str, np.ndarray]:
+        if self.fusion_ is None:  # a schema 1 detector: dynamics only
+            return {DYNAMICS: channel_evidence(errors, self.channel_error_, self.evidence_weights_)}
+        out = self.state_.evidence(scaled) if any(k != DYNAMICS for k in self.fusion_.kinds_) else {}
+        out[DYNAMICS] = channel_evidence(errors, self.channel_error_, self.evidence_weights_)
+        return {k: out[k] for k in self.fusion_.kinds_}
+
+    def _score_scaled(self, scaled: np.ndarray) -> np.ndarray:
+        errors = self._row_errors(scaled)
+        if self.fusion_ is None:
+            return combine_errors(errors, self.channel_error_, self.evidence_weights_, self.smoothing,
+                                  self.channel_agg)
+        return trailing_mean(self.fusion_.raw_score(self._evidence_from_errors(scaled, errors)), self.smoothing)
 
     def _prepare(self, X: Any) -> np.ndarray:
         self._check_fitted()
@@ -318,11 +411,40 @@ class AnomalyDetector(CalibratedOutputs):
 
     def score(self, X: Any) -> np.ndarray:
         """One anomaly score per row (higher = more anomalous)."""
-        return self._aggregate(self._row_errors(self._prepare(X)))
+        return self._score_scaled(self._prepare(X))
 
     def channel_scores(self, X: Any) -> np.ndarray:
-        """(rows, channels) normalised errors before smoothing: which sensor drives an alert."""
-        return channel_evidence(self._row_errors(self._prepare(X)), self.channel_error_, self.evidence_weights_)
+        """(rows, channels) evidence before smoothing, on the score's scale: which sensor drives an alert."""
+        return self.explain_evidence(X)[0].max(axis=2)
+
+    def explain_evidence(self, X: Any) -> tuple[np.ndarray, list[str]]:
+        """(rows, channels, kinds) each sensor's and evidence kind's contribution (the row's raw score is the
+        maximum), and the kind names."""
+        scaled = self._prepare(X)
+        evidence = self._evidence(scaled)
+        if self.fusion_ is None:
+            return np.log1p(evidence[DYNAMICS])[..., None], [DYNAMICS]
+        return self.fusion_.channel_scores(evidence), list(self.fusion_.kinds_)
+
+    def explain(self, X: Any, top: int = 3) -> list[str]:
+        """Per row, the ``top`` channels that drive its score with the kind of evidence, e.g.
+        ``"flow:relation;vib_rms:scale"``; a collapsed variance reads ``stuck``."""
+        contributions, kinds = self.explain_evidence(X)
+        if "scale" in kinds:
+            direction = self.state_.scale_direction(self._prepare(X))
+        labels = []
+        best_kind = contributions.argmax(axis=2)  # (rows, channels)
+        strength = contributions.max(axis=2)
+        order = np.argsort(-strength, axis=1)[:, :top]
+        for row, channels in enumerate(order):
+            parts = []
+            for c in channels:
+                kind = kinds[best_kind[row, c]]
+                if kind == "scale" and direction[row, c] < 0:
+                    kind = "stuck"
+                parts.append(f"{self.channels_[c]}:{kind}")
+            labels.append(";".join(parts))
+        return labels
 
 
     # ------------------------------------------------------------------ merge
@@ -368,10 +490,13 @@ class AnomalyDetector(CalibratedOutputs):
                 "evidence_weights": self.evidence_weights_.tolist(),
                 "threshold": self.threshold_model_.to_dict(),
                 "calibrator": self.calibrator_.to_dict(),
+                "warmup_rows": self.warmup_rows_,
+                "state": None if self.fusion_ is None else self.state_.to_dict(),
+                "fusion": None if self.fusion_ is None else self.fusion_.to_dict(),
                 "report": {k: float(v) for k, v in self.report_.items()},
                 "adapter_files": [f.name for f in files],
             }
-            write_json(staging / DETECTOR_FILE, state)
+            write_json(staging / DETECTOR_FILE, state, version=detector_schema(state))
             if target.exists():
                 backup = target.with_name(f".{target.name}.old")
                 shutil.rmtree(backup, ignore_errors=True)
@@ -391,7 +516,7 @@ class AnomalyDetector(CalibratedOutputs):
         directory = Path(directory)
         if not (directory / DETECTOR_FILE).exists():
             raise ArtifactError(f"{directory} is not an edgepeft detector (no {DETECTOR_FILE}); run `edgepeft adapt`")
-        state = read_json(directory / DETECTOR_FILE)
+        state = read_json(directory / DETECTOR_FILE, versions=SCHEMA_VERSIONS)
         det = cls.from_state(state, directory / DETECTOR_FILE)
         base_model = load_base(det.base)
         if state_sha256(base_model) != det.base_sha256_:
@@ -415,8 +540,10 @@ class AnomalyDetector(CalibratedOutputs):
         Files saved before a setting existed read with the behaviour they were fitted with.
         """
         try:
+            version = detector_schema(state)
             params = dict(state["params"])
             params.setdefault("channel_agg", "mean")  # saved before max became the default
+            params.setdefault("evidence", DYNAMICS if version == 1 else EVIDENCE_AUTO)
             params.setdefault("slow_channel_share", None)
             params.setdefault("micro_batch", None)  # fitted in one pass per step
             det = cls(**params)
@@ -449,6 +576,14 @@ class AnomalyDetector(CalibratedOutputs):
             if not np.isfinite(det.threshold_):
                 raise ValueError("the threshold is not a finite number")
             det.calibrator_ = ScoreCalibrator.from_dict(state["calibrator"])
+            det.warmup_rows_ = int(state.get("warmup_rows", 0))  # schema 1: alarms were never held
+            if det.warmup_rows_ < 0:
+                raise ValueError("warmup_rows must be >= 0")
+            if version == 1 or state.get("fusion") is None:
+                det.state_, det.fusion_ = None, None
+            else:
+                det.state_ = StateModel.from_dict(state["state"], n)
+                det.fusion_ = Fusion.from_dict(state["fusion"], n)
             det.report_ = dict(state["report"])
             det._check_scoring_params()
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
@@ -457,26 +592,9 @@ class AnomalyDetector(CalibratedOutputs):
 
     # ------------------------------------------------------------------ sklearn conventions
     def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {
-            "base": self.base,
-            "method": self.method,
-            "rank": self.rank,
-            "steps": self.steps,
-            "batch_size": self.batch_size,
-            "lr": self.lr,
-            "target_far": self.target_far,
-            "threshold": self.threshold,
-            "smoothing": self.smoothing,
-            "blind_weight": self.blind_weight,
-            "calib_fraction": self.calib_fraction,
-            "seed": self.seed,
-            "peft_options": copy.deepcopy(self.peft_options),
-            "channel_agg": self.channel_agg,
-            "slow_channel_share": self.slow_channel_share,
-            "micro_batch": self.micro_batch,
-            "raise_after": self.raise_after,
-            "clear_after": self.clear_after,
-        }
+        """The constructor's arguments, read from its signature (scikit-learn's convention)."""
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        return {name: copy.deepcopy(getattr(self, name)) for name in names}
 
     def info(self, directory: str | Path | None = None) -> dict[str, Any]:
         """What this detector is: base, method, trainable share, adapter bytes, threshold."""
@@ -505,6 +623,11 @@ class AnomalyDetector(CalibratedOutputs):
 
     def __repr__(self) -> str:
         return f"AnomalyDetector({json.dumps(self.get_params())[1:-1]})"
+
+
+def detector_schema(state: dict[str, Any]) -> int:
+    """The schema a detector.json dict is written with: 2 when it carries the state evidence and fusion."""
+    return SCHEMA_VERSION if state.get("fusion") is not None else 1
 
 
 def trainable_names(model: nn.Module) -> list[str]:

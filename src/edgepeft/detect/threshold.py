@@ -316,6 +316,26 @@ class ScoreCalibrator:
         p[above] = 1 - (1 - p_u) * survival
         return p
 
+    def log_survival(self, scores: Any) -> np.ndarray:
+        """log P(normal score > s) for each score: the ECDF below ``tail_start_``, the fitted GPD tail above it,
+        computed in logs so that far-out scores keep their order instead of all rounding to probability 0."""
+        if not hasattr(self, "quantiles_"):
+            raise ModelError("ScoreCalibrator is not fitted; call fit(normal_scores) first")
+        s = check_scores(np.atleast_1d(scores), "scores")
+        xp, fp = self._grid()
+        u = self.tail_start_
+        p_u = float(np.interp(u, xp, fp))
+        with np.errstate(divide="ignore"):
+            out = np.log(np.maximum(1.0 - np.interp(s, xp, fp, left=0.0), 1e-300))
+        above = s > u
+        excess = s[above] - u
+        log_tail = math.log(max(1.0 - p_u, 1e-300))
+        if self.gamma_ < _GAMMA_ZERO:
+            out[above] = log_tail - excess / self.sigma_
+        else:
+            out[above] = log_tail - np.log1p(self.gamma_ * excess / self.sigma_) / self.gamma_
+        return out
+
     def _grid(self) -> tuple[np.ndarray, np.ndarray]:
         # Tied quantiles (repeated scores) collapse to one point at their mean probability, so the
         # interpolation is well defined and the median of a constant sample maps to 0.5.
@@ -413,27 +433,59 @@ class CalibratedOutputs:
     calibrator_: ScoreCalibrator
     raise_after: int = 1
     clear_after: int = 1
+    # Rows at the start of a scored series whose alarms are held: they lack the history the score needs.
+    warmup_rows_: int = 0
 
     def score(self, X: Any) -> np.ndarray:  # pragma: no cover - every user defines it
         raise NotImplementedError
 
     def predict_proba(self, X: Any) -> np.ndarray:
-        """p_anomaly per row in [0, 1], calibrated on held-out normal rows."""
-        return self.calibrator_.transform(self.score(X))
+        """p_anomaly per row in [0, 1]; see :func:`p_anomaly`."""
+        return self._p_anomaly(self.score(X))
 
     def predict(self, X: Any) -> np.ndarray:
         """0/1 per row: 1 where the score exceeds the calibrated threshold (held for ``raise_after`` /
-        ``clear_after`` rows when those are set, see :func:`persist_alarms`)."""
+        ``clear_after`` rows when those are set, see :func:`persist_alarms`), never in the first
+        ``warmup_rows_`` rows of the series."""
         return self._alarms(self.score(X))
 
     def _alarms(self, score: np.ndarray) -> np.ndarray:
-        return persist_alarms(score > self.threshold_, self.raise_after, self.clear_after).astype(np.int8)
+        alarms = persist_alarms(score > self.threshold_, self.raise_after, self.clear_after)
+        alarms[: self.warmup_rows_] = False
+        return alarms.astype(np.int8)
+
+    def _p_anomaly(self, score: np.ndarray) -> np.ndarray:
+        p = p_anomaly(self.calibrator_, score, self.threshold_)
+        # Held rows raise no alarm, so their probability stays under the alarm line.
+        p[: self.warmup_rows_] = np.minimum(p[: self.warmup_rows_], np.nextafter(0.5, 0.0))
+        return p
 
     def score_all(self, X: Any) -> dict[str, np.ndarray]:
         """score, p_anomaly and anomaly in one pass."""
         score = self.score(X)
         return {
             "score": score,
-            "p_anomaly": self.calibrator_.transform(score),
+            "p_anomaly": self._p_anomaly(score),
             "anomaly": self._alarms(score),
         }
+
+
+def p_anomaly(calibrator: ScoreCalibrator, scores: Any, threshold: float) -> np.ndarray:
+    """The alarm odds of each score: ``1 / (1 + S(score) / S(threshold))``, S the calibrated survival of normal
+    scores (the chance that a normal row scores higher).
+
+    What it means to a user: 0.5 exactly at the threshold, so ``p >= 0.5`` where a row is flagged (``score >
+    threshold``); near 0 on ordinary normal rows (about ``target_far`` at a median one); and on normal rows
+    ``P(p > v) = S_threshold (1 - v) / v``, e.g. the calibrated false-alarm rate at v = 0.5 and a ninth of it
+    at v = 0.9. Monotone in the score, computed in logs, so a burst pipe still ranks above a mild excursion
+    instead of both sitting at 1.0.
+
+    >>> cal = ScoreCalibrator().fit(np.random.default_rng(0).normal(size=5000))
+    >>> p = p_anomaly(cal, [0.0, 2.33, 5.0, 8.0], threshold=2.33)
+    >>> [round(float(v), 3) for v in p[:2]], bool(p[2] < p[3] < 1.0)
+    ([0.025, 0.5], True)
+    """
+    log_s = calibrator.log_survival(scores)
+    log_s_threshold = float(calibrator.log_survival([threshold])[0])
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(log_s - log_s_threshold))

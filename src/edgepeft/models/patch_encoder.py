@@ -264,6 +264,15 @@ class PatchEncoder(nn.Module):
         self, seq: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channel_tags: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The cross-channel half: channel blocks, head and de-normalisation; returns (B, L, C)."""
+        batch, n_channels, _, _ = seq.shape
+        seq = self.mix_tokens(seq, channel_tags)
+        out = self.head(self.ln_f(seq[:, :, 1:]))  # (B, C, N, P), normalised units
+        out = out * std[..., None, None] + mean[..., None, None]
+        return out.reshape(batch, n_channels, -1).transpose(1, 2)  # (B, L, C)
+
+    def mix_tokens(self, seq: torch.Tensor, channel_tags: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, N+1, D) tokens after the cross-channel blocks: what the head reads, and what the detector's
+        state head summarises (each channel's token in the context of the others)."""
         batch, n_channels, n_tokens, width = seq.shape
         if self.channel_blocks:
             tags = self._channel_tags(channel_tags, n_channels, seq)
@@ -273,9 +282,7 @@ class PatchEncoder(nn.Module):
             for block in self.channel_blocks:
                 mixed = self._run_block(block, mixed)
             seq = mixed.reshape(batch, n_tokens, n_channels, width).transpose(1, 2)
-        out = self.head(self.ln_f(seq[:, :, 1:]))  # (B, C, N, P), normalised units
-        out = out * std[..., None, None] + mean[..., None, None]
-        return out.reshape(batch, n_channels, -1).transpose(1, 2)  # (B, L, C)
+        return seq
 
     @torch.no_grad()
     def hidden_channel_features(self) -> torch.Tensor:

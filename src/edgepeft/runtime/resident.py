@@ -39,7 +39,7 @@ from torch import nn
 
 from edgepeft.core.config import read_json
 from edgepeft.core.errors import ArtifactError, ModelError
-from edgepeft.detect.detector import ADAPTER_DIR, DETECTOR_FILE, AnomalyDetector
+from edgepeft.detect.detector import ADAPTER_DIR, DETECTOR_FILE, SCHEMA_VERSIONS, AnomalyDetector
 from edgepeft.models.registry import load_base, state_sha256
 from edgepeft.peft import PeftConfig, PeftMethod, get_method
 from edgepeft.peft.base import AdapterTensors, DeltaLoader
@@ -156,7 +156,8 @@ def read_detector(directory: str | Path) -> AnomalyDetector:
     directory = Path(directory)
     if not (directory / DETECTOR_FILE).exists():
         raise ArtifactError(f"{directory} is not an edgepeft detector (no {DETECTOR_FILE}); reinstall the bundle")
-    return AnomalyDetector.from_state(read_json(directory / DETECTOR_FILE), directory / DETECTOR_FILE)
+    state = read_json(directory / DETECTOR_FILE, versions=SCHEMA_VERSIONS)
+    return AnomalyDetector.from_state(state, directory / DETECTOR_FILE)
 
 
 @dataclass(frozen=True)

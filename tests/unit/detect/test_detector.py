@@ -194,6 +194,11 @@ def test_detectors_saved_before_the_new_scoring_keep_their_scoring(fitted: Anoma
     path = fitted.save(tmp_path / "old")
     state = json.loads((path / "detector.json").read_text())
     del state["evidence_weights"], state["params"]["channel_agg"], state["params"]["slow_channel_share"]
+    # ... and before Detector v2 (schema 1: no state evidence, no fusion, no held warm-up rows)
+    for key in ("state", "fusion", "warmup_rows"):
+        del state[key]
+    del state["params"]["evidence"], state["params"]["state_window"]
+    state["schema_version"] = 1
     (path / "detector.json").write_text(json.dumps(state))
     old = AnomalyDetector.load(path)
     assert old.channel_agg == "mean" and old.slow_channel_share is None
@@ -271,6 +276,8 @@ def test_alarm_persistence_is_applied_saved_and_validated(tmp_path) -> None:
     det = AnomalyDetector(base="tiny", method="lora", rank=4, steps=5, raise_after=4, clear_after=3).fit(train)
     scores = det.score(test)
     expected = persist_alarms(scores > det.threshold_, 4, 3).astype(np.int8)
+    expected[: det.warmup_rows_] = 0  # rows without a whole window of history never alarm
+    assert det.warmup_rows_ == 64
     assert np.array_equal(det.predict(test), expected)
     assert np.array_equal(det.score_all(test)["anomaly"], expected)
     # The persistence changed something here, so the comparison above is not vacuous.
@@ -296,7 +303,9 @@ def test_detectors_saved_before_alarm_persistence_flag_every_row_over_the_thresh
     old = AnomalyDetector.load(path)
     _, test, _ = _with_fault()
     assert (old.raise_after, old.clear_after) == (1, 1)
-    assert np.array_equal(old.predict(test), (old.score(test) > old.threshold_).astype(np.int8))
+    expected = (old.score(test) > old.threshold_).astype(np.int8)
+    expected[: old.warmup_rows_] = 0
+    assert np.array_equal(old.predict(test), expected)
     state["params"]["raise_after"] = -2  # a damaged file: refused when read, never half-applied
     (path / "detector.json").write_text(json.dumps(state))
     with pytest.raises(ArtifactError, match="raise_after"):
