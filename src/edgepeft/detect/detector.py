@@ -308,74 +308,44 @@ class AnomalyDetector(CalibratedOutputs):
     def _row_errors(self, scaled: np.ndarray, channel_budget: int = 512) -> np.ndarray:
         """(T, C, 2) squared errors in asset-standardised units: [..., 0] forecast, [..., 1] blind.
 
-        ``channel_budget`` bounds the channel-sequences per forward pass (the blind passes multiply
-        them by C), which bounds inference memory whatever the channel count. 512 rather than more:
-        a pass's memory grows with it and its speed does not (smaller passes stay in the CPU caches).
-        The benchmarks' inference-RSS and throughput columns measure the effect.
+        One pass per batch of windows: the temporal features once, then the forecast and every channel's blind
+        prediction (:meth:`PatchEncoder.blind_mix`, linear in the channel count). An opaque model (the ONNX
+        engine's session) has no such method and gets C copies with one channel hidden each.
+        ``channel_budget`` bounds the channel-sequences per pass (inference memory, whatever the channel count).
         """
         encoder = self.method_.encoder(self.model_)
         windows, hidden = scoring_windows(scaled, encoder.window_len, encoder.patch_len)
         patch_len = encoder.patch_len
         n_windows, _, n_channels = windows.shape
-        batch_windows = max(1, channel_budget // (n_channels * n_channels))
         blind = n_channels > 1 and self.blind_weight > 0
         out = np.zeros((n_windows, patch_len, n_channels, 2), dtype=np.float32)
         self.model_.eval()
-        if getattr(encoder, "cacheable", False):
-            return self._row_errors_cached(encoder, scaled, windows, hidden, blind, channel_budget)
-        eye = torch.eye(n_channels, dtype=torch.bool)[:, :, None]  # (C, C, 1): pass c hides channel c
+        one_pass = hasattr(encoder, "blind_mix")
+        per_window = n_channels * (2 if one_pass else n_channels + 1)
+        batch_windows = max(1, channel_budget // per_window)
+        if one_pass and blind:
+            # A served model may keep these constant features (the device runtime's do): they never change.
+            cached = getattr(self.model_, "hidden_channel_features", None)
+            blank = cached() if callable(cached) else encoder.hidden_channel_features()
+        eye = torch.eye(n_channels, dtype=torch.bool)[:, :, None]  # (C, C, 1): copy c hides channel c
         for start in range(0, n_windows, batch_windows):
             chunk = torch.from_numpy(windows[start : start + batch_windows])  # (b, L, C)
             mask = torch.from_numpy(hidden[start : start + batch_windows])  # (b, C, N)
             stop = start + len(chunk)
+            if one_pass:
+                feats, mean, std = encoder.temporal_features(chunk, mask)
+                out[start:stop, :, :, 0] = encoder.mix(feats, mean, std)[:, -patch_len:, :].numpy()
+                if blind:
+                    out[start:stop, :, :, 1] = encoder.blind_mix(feats, blank)[:, -patch_len:, :].numpy()
+                continue
             out[start:stop, :, :, 0] = self.model_(chunk, mask)[:, -patch_len:, :].numpy()
             if blind:
-                # One pass per hidden channel, batched: (b*C, L, C) with channel c hidden in copy c.
-                reps = chunk.repeat_interleave(n_channels, dim=0)
+                reps = chunk.repeat_interleave(n_channels, dim=0)  # (b*C, L, C)
                 blind_mask = (mask.unsqueeze(1) | eye.unsqueeze(0)).reshape(-1, n_channels, mask.shape[-1])
-                recon = self.model_(reps, blind_mask)[:, -patch_len:, :]  # (b*C, P, C)
-                recon = recon.reshape(len(chunk), n_channels, patch_len, n_channels)
+                recon = self.model_(reps, blind_mask)[:, -patch_len:, :].reshape(len(chunk), n_channels, patch_len,
+                                                                                   n_channels)
                 out[start:stop, :, :, 1] = torch.diagonal(recon, dim1=1, dim2=3).numpy()  # (b, P, C)
         predicted = out.reshape(-1, n_channels, 2)[: scaled.shape[0]]  # (T, C, 2)
-        errors = (predicted - scaled[:, :, None]) ** 2
-        if not blind:
-            errors[..., 1] = errors[..., 0]
-        return errors
-
-    def _row_errors_cached(
-        self, encoder: nn.Module, scaled: np.ndarray, windows: np.ndarray, hidden: np.ndarray, blind: bool,
-        channel_budget: int,
-    ) -> np.ndarray:
-        """Same numbers as the full path when the temporal blocks are frozen: they run once per window,
-        and each blind pass only swaps in the constant features of a fully hidden channel."""
-        patch_len = encoder.patch_len
-        n_windows, _, n_channels = windows.shape
-        out = np.zeros((n_windows, patch_len, n_channels, 2), dtype=np.float32)
-        # A model that never changes may keep these constant features (the device runtime's served models do):
-        # on a small request they are a fifth of the work.
-        cached = getattr(self.model_, "hidden_channel_features", None)
-        blank = cached() if callable(cached) else encoder.hidden_channel_features()
-        batch_windows = max(1, channel_budget // (n_channels * n_channels))
-        for start in range(0, n_windows, batch_windows):
-            stop = min(start + batch_windows, n_windows)
-            feats, mean, std = encoder.temporal_features(
-                torch.from_numpy(windows[start:stop]), torch.from_numpy(hidden[start:stop])
-            )
-            out[start:stop, :, :, 0] = encoder.mix(feats, mean, std)[:, -patch_len:, :].numpy()
-            if blind:
-                b = stop - start
-                reps = feats.repeat_interleave(n_channels, dim=0)  # (b*C, C, N+1, D): copy c hides channel c
-                rep_mean = mean.repeat_interleave(n_channels, dim=0)
-                rep_std = std.repeat_interleave(n_channels, dim=0)
-                rows = torch.arange(b * n_channels)
-                channel = rows % n_channels
-                reps[rows, channel] = blank
-                rep_mean[rows, channel] = 0.0
-                rep_std[rows, channel] = 1.0
-                recon = encoder.mix(reps, rep_mean, rep_std)[:, -patch_len:, :]  # (b*C, P, C)
-                recon = recon.reshape(b, n_channels, patch_len, n_channels)
-                out[start:stop, :, :, 1] = torch.diagonal(recon, dim1=1, dim2=3).numpy()
-        predicted = out.reshape(-1, n_channels, 2)[: scaled.shape[0]]
         errors = (predicted - scaled[:, :, None]) ** 2
         if not blind:
             errors[..., 1] = errors[..., 0]

@@ -101,19 +101,27 @@ class Attention(nn.Module):
         self.register_parameter("prefix_k", None)
         self.register_parameter("prefix_v", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, allowed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Self-attention over ``x`` (B', T, D); or ``x`` attending to ``context`` (B', S, D) where ``allowed``
+        (T, S) bool says which context token each query may see (prefix slots are always visible)."""
         batch, tokens, width = x.shape  # (B', T, D)
         head_dim = width // self.n_heads
         q = self.q(x).view(batch, tokens, self.n_heads, head_dim).transpose(1, 2)  # (B', H, T, hd)
-        k = self.k(x)
-        v = self.v(x)
+        source = x if context is None else context
+        k = self.k(source)
+        v = self.v(source)
         if self.prefix_k is not None and self.prefix_v is not None:
             n_prefix = self.prefix_k.shape[0]
             k = torch.cat([self.prefix_k.unsqueeze(0).expand(batch, n_prefix, width), k], dim=1)
             v = torch.cat([self.prefix_v.unsqueeze(0).expand(batch, n_prefix, width), v], dim=1)
         k = k.view(batch, -1, self.n_heads, head_dim).transpose(1, 2)  # (B', H, T+prefix, hd)
         v = v.view(batch, -1, self.n_heads, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        if allowed is not None and self.prefix_k is not None:
+            allowed = torch.cat([allowed.new_ones(allowed.shape[0], self.prefix_k.shape[0]), allowed], dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                             dropout_p=self.dropout if self.training else 0.0)
         return self.o(out.transpose(1, 2).reshape(batch, tokens, width))
 
 
@@ -138,8 +146,15 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, allowed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x`` (B', T, D) through the block; with ``context``, its attention reads those tokens instead (see
+        :meth:`Attention.forward`), which is how one pass makes every channel's blind prediction."""
+        if context is None:
+            x = x + self.attn(self.ln1(x))
+        else:
+            x = x + self.attn(self.ln1(x), self.ln1(context), allowed)
         return x + self.mlp(self.ln2(x))
 
 
@@ -283,6 +298,41 @@ class PatchEncoder(nn.Module):
                 mixed = self._run_block(block, mixed)
             seq = mixed.reshape(batch, n_tokens, n_channels, width).transpose(1, 2)
         return seq
+
+    def blind_mix(
+        self, seq: torch.Tensor, blank: torch.Tensor | None = None, channel_tags: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Every channel's prediction with that channel hidden entirely (a virtual sensor from the others), in
+        one pass: (B, L, C) in asset-standardised units, from the temporal features ``seq`` (B, C, N+1, D).
+
+        Hiding channel c only replaces its temporal features with ``blank`` (the data-free features of a fully
+        hidden channel, :meth:`hidden_channel_features`) and its statistics with the asset scale (mean 0, std 1).
+        With one cross-channel block, channel c's output then depends on its own blank query and on the other
+        channels' real tokens, so a query set of C blank tokens attending to {the others' real tokens, its own
+        blank} gives exactly what C copies of the model with one channel hidden each would: cost linear in C
+        instead of quadratic. Deeper channel stacks fall back to the C copies (same numbers, more work).
+        """
+        batch, n_channels, n_tokens, width = seq.shape
+        blank = self.hidden_channel_features() if blank is None else blank  # (N+1, D)
+        if len(self.channel_blocks) != 1:
+            rows = torch.arange(batch * n_channels)
+            reps = seq.repeat_interleave(n_channels, dim=0).clone()  # copy c hides channel c
+            reps[rows, rows % n_channels] = blank
+            mean = torch.zeros(batch * n_channels, n_channels, dtype=seq.dtype)
+            std = torch.ones_like(mean)
+            tags = None if channel_tags is None else channel_tags.repeat_interleave(n_channels, dim=0) \
+                if channel_tags.dim() == 3 else channel_tags
+            out = self.mix(reps, mean, std, tags).reshape(batch, n_channels, -1, n_channels)  # (B, C, L, C)
+            return torch.diagonal(out, dim1=1, dim2=3)  # (B, L, C)
+        tags = self.channel_proj(self._channel_tags(channel_tags, n_channels, seq))  # (B, C, D)
+        real = (seq + tags.unsqueeze(2)).transpose(1, 2).reshape(batch * n_tokens, n_channels, width)
+        hidden = (blank + tags.unsqueeze(2)).transpose(1, 2).reshape(batch * n_tokens, n_channels, width)
+        eye = torch.eye(n_channels, dtype=torch.bool, device=seq.device)
+        allowed = torch.cat([~eye, eye], dim=1)  # (C, 2C): the others' real tokens and one's own blank
+        out = self.channel_blocks[0](hidden, torch.cat([real, hidden], dim=1), allowed)  # (B*(N+1), C, D)
+        out = out.reshape(batch, n_tokens, n_channels, width).transpose(1, 2)  # (B, C, N+1, D)
+        pred = self.head(self.ln_f(out[:, :, 1:]))  # (B, C, N, P): the asset scale, mean 0 / std 1
+        return pred.reshape(batch, n_channels, -1).transpose(1, 2)  # (B, L, C)
 
     @torch.no_grad()
     def hidden_channel_features(self) -> torch.Tensor:
