@@ -159,7 +159,8 @@ def adapt(
 def score(
     adapter: Annotated[Path, typer.Argument(help="Adapter directory written by `edgepeft adapt`.")],
     data: Annotated[Path, typer.Argument(help="CSV to score (same sensor columns as training).")],
-    out: Annotated[Path, typer.Option("--out", help="CSV to write: score, p_anomaly, anomaly per input row.")],
+    out: Annotated[Path, typer.Option("--out", help="CSV to write per input row: score, p_anomaly, anomaly, "
+                                                "warming_up (1: too little history, alarm held), top_channels.")],
     time_col: Annotated[str | None, typer.Option("--time-col", help="Timestamp column (else detected).")] = None,
     drop: Annotated[str | None, typer.Option(help="Columns to ignore, e.g. anomaly,changepoint.")] = None,
 ) -> None:
@@ -174,8 +175,10 @@ def score(
     with _warnings_to_console():
         table = read_sensor_csv(data, time_col=time_col, drop=_split(drop))
     frame = pd.DataFrame(table.values, columns=table.channels)
-    result = det.score_all(frame)
-    columns = {"score": result["score"], "p_anomaly": result["p_anomaly"], "anomaly": result["anomaly"]}
+    result = det.score_all(frame, explain=True)
+    held = [int(row < det.warmup_rows_) for row in range(len(frame))]
+    columns = {"score": result["score"], "p_anomaly": result["p_anomaly"], "anomaly": result["anomaly"],
+               "warming_up": held, "top_channels": result["top_channels"]}
     output = pd.DataFrame(columns)
     if table.time is not None:
         output.insert(0, "time", table.time)

@@ -383,34 +383,54 @@ class AnomalyDetector(CalibratedOutputs):
         """One anomaly score per row (higher = more anomalous)."""
         return self._score_scaled(self._prepare(X))
 
+    def score_all(self, X: Any, explain: bool = False) -> dict[str, Any]:
+        """score, p_anomaly and anomaly per row in one pass; ``explain=True`` adds ``top_channels``: for each
+        flagged row, its three strongest sensors with their kind of evidence (``""`` on unflagged rows)."""
+        if not explain:
+            return super().score_all(X)
+        scaled = self._prepare(X)
+        contributions, kinds = self._contributions(scaled, self._evidence(scaled))
+        score = trailing_mean(contributions.max(axis=(1, 2)), self.smoothing) if self.fusion_ is not None \
+            else self._score_scaled(scaled)
+        out: dict[str, Any] = {"score": score, "p_anomaly": self._p_anomaly(score), "anomaly": self._alarms(score)}
+        flagged = np.flatnonzero(out["anomaly"])
+        labels = [""] * len(score)
+        for row, label in zip(flagged, self._top_labels(scaled, contributions[flagged], kinds, flagged), strict=True):
+            labels[row] = label
+        out["top_channels"] = labels
+        return out
+
     def channel_scores(self, X: Any) -> np.ndarray:
         """(rows, channels) evidence before smoothing, on the score's scale: which sensor drives an alert."""
-        return self.explain_evidence(X)[0].max(axis=2)
-
-    def explain_evidence(self, X: Any) -> tuple[np.ndarray, list[str]]:
-        """(rows, channels, kinds) each sensor's and evidence kind's contribution (the row's raw score is the
-        maximum), and the kind names."""
         scaled = self._prepare(X)
-        evidence = self._evidence(scaled)
+        return self._contributions(scaled, self._evidence(scaled))[0].max(axis=2)
+
+    def explain(self, X: Any, top: int = 3) -> list[str]:
+        """Per row, the ``top`` channels that drive its score with their kind of evidence, strongest first, e.g.
+        ``"flow:relation;vib_rms:scale"``. Kinds: dynamics (the forecast or virtual sensor missed), level, scale
+        (variance up), stuck (variance collapsed), relation (left the asset's normal sensor relations)."""
+        scaled = self._prepare(X)
+        contributions, kinds = self._contributions(scaled, self._evidence(scaled))
+        return self._top_labels(scaled, contributions, kinds, np.arange(len(scaled)), top)
+
+    def _contributions(self, scaled: np.ndarray, evidence: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
         if self.fusion_ is None:
             return np.log1p(evidence[DYNAMICS])[..., None], [DYNAMICS]
         return self.fusion_.channel_scores(evidence), list(self.fusion_.kinds_)
 
-    def explain(self, X: Any, top: int = 3) -> list[str]:
-        """Per row, the ``top`` channels that drive its score with the kind of evidence, e.g.
-        ``"flow:relation;vib_rms:scale"``; a collapsed variance reads ``stuck``."""
-        contributions, kinds = self.explain_evidence(X)
-        if "scale" in kinds:
-            direction = self.state_.scale_direction(self._prepare(X))
-        labels = []
+    def _top_labels(self, scaled: np.ndarray, contributions: np.ndarray, kinds: list[str], rows: np.ndarray,
+                    top: int = 3) -> list[str]:
+        if len(rows) == 0:
+            return []
+        stuck = self.state_.scale_direction(scaled)[rows] < 0 if "scale" in kinds else None
         best_kind = contributions.argmax(axis=2)  # (rows, channels)
-        strength = contributions.max(axis=2)
-        order = np.argsort(-strength, axis=1)[:, :top]
-        for row, channels in enumerate(order):
+        order = np.argsort(-contributions.max(axis=2), axis=1, kind="stable")[:, :top]
+        labels = []
+        for i, channels in enumerate(order):
             parts = []
             for c in channels:
-                kind = kinds[best_kind[row, c]]
-                if kind == "scale" and direction[row, c] < 0:
+                kind = kinds[best_kind[i, c]]
+                if kind == "scale" and stuck is not None and stuck[i, c]:
                     kind = "stuck"
                 parts.append(f"{self.channels_[c]}:{kind}")
             labels.append(";".join(parts))

@@ -472,9 +472,10 @@ class ServingModel:
     def channels(self) -> list[str]:
         return list(self.detector.channels_)
 
-    def score_all(self, rows: Any) -> dict[str, np.ndarray]:
-        """score, p_anomaly and anomaly per row, exactly as the detector computes them offline."""
-        return self.detector.score_all(rows)
+    def score_all(self, rows: Any, explain: bool = False) -> dict[str, Any]:
+        """score, p_anomaly and anomaly per row (and ``top_channels`` with ``explain``), exactly as the detector
+        computes them offline."""
+        return self.detector.score_all(rows, explain=explain)
 
     def describe(self) -> dict[str, Any]:
         return {

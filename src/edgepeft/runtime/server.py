@@ -73,8 +73,12 @@ class ScoreResponse(BaseModel):
     engine: str = Field(..., description="torch or onnx")
     threshold: float = Field(..., description="A row is anomalous when its score exceeds this.")
     score: list[float] = Field(..., description="Anomaly score per row (higher = more anomalous).")
-    p_anomaly: list[float] = Field(..., description="Calibrated probability per row that it is anomalous.")
-    anomaly: list[int] = Field(..., description="1 where score > threshold, else 0.")
+    p_anomaly: list[float] = Field(..., description="Alarm odds per row: near 0 on ordinary normal rows, 0.5 at "
+                                   "the threshold, >= 0.5 where a row is flagged; rises with the score.")
+    anomaly: list[int] = Field(..., description="1 where score > threshold (the first rows of a request, with "
+                               "too little history, are never flagged), else 0.")
+    top_channels: list[str] = Field(..., description="Per flagged row, its strongest sensors with the kind of "
+                                    "evidence, e.g. 'flow:relation;vib_rms:scale'; empty on unflagged rows.")
 
 
 class ActivateRequest(BaseModel):
@@ -317,11 +321,12 @@ def _score(runtime: DeviceRuntime, asset_id: str, body: ScoreRequest) -> bytes:
     """Score one request and encode the answer (the JSON is built once, not validated twice)."""
     if len(body.rows) > MAX_ROWS_PER_REQUEST:
         raise DataError(f"{len(body.rows):,} rows in one request; send at most {MAX_ROWS_PER_REQUEST:,}")
-    served, result = runtime.score(asset_id, _rows(body))
+    served, result = runtime.score(asset_id, _rows(body), explain=True)
     answer = {
         "asset_id": asset_id, "version": served.version, "release": served.release, "engine": served.engine,
         "threshold": float(served.detector.threshold_), "score": result["score"].tolist(),
         "p_anomaly": result["p_anomaly"].tolist(), "anomaly": result["anomaly"].astype(int).tolist(),
+        "top_channels": result["top_channels"],
     }
     return json.dumps(answer).encode()
 

@@ -305,13 +305,14 @@ class DeviceRuntime:
             self._idle()  # a reload from disk took a spare skeleton: replace it (rare: only after an eviction)
         return served
 
-    def score(self, asset_id: str, rows: Any) -> tuple[ServingModel, dict[str, np.ndarray]]:
+    def score(self, asset_id: str, rows: Any, explain: bool = False) -> tuple[ServingModel, dict[str, Any]]:
         """Score ``rows`` (rows x channels, array or DataFrame) with the asset's active version.
 
-        Returns the model that produced the scores (its ``version`` tags the answer) and the scores.
+        Returns the model that produced the scores (its ``version`` tags the answer) and the scores; ``explain``
+        adds ``top_channels`` (the sensors and evidence kinds behind each flagged row).
         """
         served = self.active_model(asset_id)
-        result = served.score_all(rows)
+        result = served.score_all(rows, explain=explain)
         self.metrics.count("rows_scored", len(result["score"]))
         return served, result
 

@@ -5,8 +5,9 @@
 - ``StreamEncoder``: runs a PatchEncoder for the stream. The temporal blocks are channel-independent, so a
   sensor's temporal features are the same in the forecast pass and in every blind pass that hides another
   sensor, and a fully hidden sensor's features do not depend on the data at all. Scoring therefore runs the
-  temporal blocks once per patch (C sequences) instead of once per pass (C + C^2), and can hand the output of
-  the frozen blocks to training (frozen-feature caching).
+  temporal blocks once per patch (C sequences) and every blind prediction in one cross-channel pass
+  (``PatchEncoder.blind_mix``, the batch detector's own path), and can hand the output of the frozen blocks to
+  training (frozen-feature caching).
 - ``OnlineTrainer``: one update = one batch of windows drawn from learnable rows (plus replay), one optimizer
   step; optional EWC; optional memory measurement of the step; its whole state is checkpointable.
 - ``write_checkpoint`` / ``read_checkpoint``: one file per checkpoint, written to a temporary file, fsynced
@@ -251,38 +252,26 @@ class _Capture(nn.Module):
         return seq
 
 
-class _SharedTemporal(nn.Module):
-    """Scoring stand-in for the temporal blocks: runs them on the forecast windows' sequences only.
+class _RecordingTemporal(nn.Module):
+    """Scoring stand-in for the temporal blocks: runs them, keeping the features after ``record_after`` blocks
+    (K, C, N+1, D) for the training cache."""
 
-    Input ``seq`` is (K * G * C, N+1, D) for K patches, G = 1 + C windows per patch (forecast, then one
-    blind window per hidden channel) or G = 1 without blind passes. A blind window's visible channels have
-    the forecast window's features; its hidden channel has the data-independent ``hidden`` features.
-    """
-
-    def __init__(self, blocks: nn.ModuleList, n_channels: int, blind: bool, hidden: torch.Tensor | None,
-                 record_after: int | None) -> None:
+    def __init__(self, blocks: nn.ModuleList, n_channels: int, record_after: int | None) -> None:
         super().__init__()
         self.inner = list(blocks)  # a plain list: not registered, the real blocks stay where they are
-        self.n_channels, self.blind, self.hidden, self.record_after = n_channels, blind, hidden, record_after
+        self.n_channels, self.record_after = n_channels, record_after
         self.recorded: torch.Tensor | None = None
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        n_channels, (tokens, width) = self.n_channels, seq.shape[-2:]
-        groups = 1 + n_channels if self.blind else 1
-        n_patches = seq.shape[0] // (groups * n_channels)
-        feats = seq.view(n_patches, groups, n_channels, tokens, width)[:, 0].reshape(-1, tokens, width)
+        tokens, width = seq.shape[-2:]
+        shape = (-1, self.n_channels, tokens, width)
         for index, block in enumerate(self.inner):
             if index == self.record_after:
-                self.recorded = feats.view(n_patches, n_channels, tokens, width)
-            feats = block(feats)
+                self.recorded = seq.view(shape)
+            seq = block(seq)
         if self.record_after == len(self.inner):
-            self.recorded = feats.view(n_patches, n_channels, tokens, width)
-        if not self.blind:
-            return feats
-        out = feats.view(n_patches, 1, n_channels, tokens, width).expand(-1, groups, -1, -1, -1).clone()
-        index = torch.arange(n_channels)
-        out[:, 1 + index, index] = self.hidden  # (T, D) broadcast: copy 1+c hides channel c
-        return out.reshape(-1, tokens, width)
+            self.recorded = seq.view(shape)
+        return seq
 
 
 class _CachedPrefix(nn.Module):
@@ -385,21 +374,26 @@ class StreamEncoder:
         x, mask = torch.from_numpy(windows), torch.from_numpy(hidden)
         out = np.zeros((n_windows, patch_len, n_channels, 2), np.float32)
         blind = blind and n_channels > 1
+        if self.fast:
+            # The scoring core's arithmetic (AnomalyDetector._row_errors): temporal features once, the forecast,
+            # and every blind prediction in one pass (PatchEncoder.blind_mix). The stage only records features.
+            stage = _RecordingTemporal(self.encoder.blocks, n_channels, record)
+            with _swap_blocks(self.encoder, [stage]):
+                feats, mean, std = self.encoder.temporal_features(x, mask)
+            out[..., 0] = self.encoder.mix(feats, mean, std)[:, -patch_len:, :].numpy()
+            if blind:
+                blank = self.hidden_features(n_channels, len(self.encoder.blocks))
+                out[..., 1] = self.encoder.blind_mix(feats, blank)[:, -patch_len:, :].numpy()
+            else:
+                out[..., 1] = out[..., 0]
+            return out, None if stage.recorded is None else stage.recorded.numpy().copy()
         if blind:
             eye = torch.eye(n_channels, dtype=torch.bool)[:, :, None]  # (C, C, 1): copy c hides channel c
             blind_mask = mask.unsqueeze(1) | eye.unsqueeze(0)  # (K, C, C, N)
             x = x.unsqueeze(1).expand(-1, 1 + n_channels, -1, -1).reshape(-1, self.window_len, n_channels)
             mask = torch.cat([mask.unsqueeze(1), blind_mask], dim=1).reshape(-1, n_channels, self.n_patches)
-        if not self.fast:
-            recon = self.model(x, mask)[:, -patch_len:, :]
-            recorded = None
-        else:
-            n_blocks = len(self.encoder.blocks)
-            hidden_feats = self.hidden_features(n_channels, n_blocks) if blind else None
-            stage = _SharedTemporal(self.encoder.blocks, n_channels, blind, hidden_feats, record)
-            with _swap_blocks(self.encoder, [stage]):
-                recon = self.model(x, mask)[:, -patch_len:, :]
-            recorded = None if stage.recorded is None else stage.recorded.numpy().copy()
+        recon = self.model(x, mask)[:, -patch_len:, :]
+        recorded = None
         if blind:
             recon = recon.reshape(n_windows, 1 + n_channels, patch_len, n_channels)
             out[..., 0] = recon[:, 0].numpy()
