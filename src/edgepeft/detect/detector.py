@@ -58,6 +58,7 @@ from edgepeft.data.windows import scoring_windows
 from edgepeft.detect.evidence import (
     DYNAMICS,
     EVIDENCE_KINDS,
+    RELATION_SMOOTHING,
     Fusion,
     StateModel,
     cross_fit,
@@ -236,7 +237,22 @@ class AnomalyDetector(CalibratedOutputs):
         self.train_loss_ = float(np.mean(result.losses[-10:])) if result.losses else float("nan")
         self.model_ = model
         self.method_ = method
+        self.calibrate(scaled, n_fit)
+        self.report_ = {
+            **parameter_report(model, self.base_parameters_),
+            "adapt_seconds": self.adapt_seconds_,
+            "train_loss": self.train_loss_,
+            "n_fit_rows": n_fit,
+            "n_calib_rows": n_calib,
+        }
+        return self
 
+    def calibrate(self, scaled: np.ndarray, n_fit: int) -> np.ndarray:
+        """Everything after adaptation, from the asset's normal rows (scaled) of which the first ``n_fit`` trained
+        the adapter: channel weights and error normalisers, the state model, the fusion, the threshold and the
+        probability calibration. The streaming loop calls it at the end of its probation, so both score alike.
+        Returns the (rows, channels, 2) errors of ``scaled``."""
+        window_len = self.method_.encoder(self.model_).window_len
         # Slow channels: most of their training variance lives on time scales longer than the model's window.
         slow = (slow_share(scaled[:n_fit], window_len) > self.slow_channel_share
                 if self.slow_channel_share is not None else None)
@@ -262,14 +278,7 @@ class AnomalyDetector(CalibratedOutputs):
         self.threshold_model_ = make_threshold(self.threshold, self.target_far).fit(calib_scores)
         self.threshold_ = float(self.threshold_model_.threshold_)
         self.calibrator_ = ScoreCalibrator().fit(calib_scores)
-        self.report_ = {
-            **parameter_report(model, self.base_parameters_),
-            "adapt_seconds": self.adapt_seconds_,
-            "train_loss": self.train_loss_,
-            "n_fit_rows": n_fit,
-            "n_calib_rows": n_calib,
-        }
-        return self
+        return errors
 
     def _reference_evidence(self, scaled: np.ndarray, errors: np.ndarray,
                             injected: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -364,11 +373,20 @@ class AnomalyDetector(CalibratedOutputs):
         return {k: out[k] for k in self.fusion_.kinds_}
 
     def _score_scaled(self, scaled: np.ndarray) -> np.ndarray:
-        errors = self._row_errors(scaled)
+        return self.score_errors(scaled, self._row_errors(scaled))
+
+    def score_errors(self, scaled: np.ndarray, errors: np.ndarray) -> np.ndarray:
+        """Scores of consecutive rows (scaled) from the model's (rows, C, 2) errors: the scoring core every path
+        calls once its engine (torch, ONNX Runtime, the streaming loop's memoised patches) made the errors."""
         if self.fusion_ is None:
             return combine_errors(errors, self.channel_error_, self.evidence_weights_, self.smoothing,
                                   self.channel_agg)
         return trailing_mean(self.fusion_.raw_score(self._evidence_from_errors(scaled, errors)), self.smoothing)
+
+    def stream_context(self) -> int:
+        """Rows before a row that its score reads besides its patch prediction (state windows, smoothing): the
+        streaming loop keeps this many rows and errors to score a row exactly as a batch would."""
+        return self.smoothing + self.state_window + RELATION_SMOOTHING
 
     def _prepare(self, X: Any) -> np.ndarray:
         self._check_fitted()
@@ -476,13 +494,7 @@ class AnomalyDetector(CalibratedOutputs):
                 "channels": self.channels_,
                 "peft_config": dataclasses.asdict(self.peft_config_),
                 "scaler": self.scaler_.to_dict(),
-                "channel_error": self.channel_error_.tolist(),
-                "evidence_weights": self.evidence_weights_.tolist(),
-                "threshold": self.threshold_model_.to_dict(),
-                "calibrator": self.calibrator_.to_dict(),
-                "warmup_rows": self.warmup_rows_,
-                "state": None if self.fusion_ is None else self.state_.to_dict(),
-                "fusion": None if self.fusion_ is None else self.fusion_.to_dict(),
+                **self.scoring_state(),
                 "report": {k: float(v) for k, v in self.report_.items()},
                 "adapter_files": [f.name for f in files],
             }
@@ -544,41 +556,57 @@ class AnomalyDetector(CalibratedOutputs):
             det.base_parameters_ = int(state["base_parameters"])
             det.peft_config_ = PeftConfig(**state["peft_config"])
             det.scaler_ = ChannelScaler.from_dict(state["scaler"])
-            det.channel_error_ = np.asarray(state["channel_error"], dtype=np.float64)
-            weights = state.get("evidence_weights")
-            det.evidence_weights_ = (evidence_weights(det.n_channels_, det.blind_weight) if weights is None
-                                     else np.asarray(weights, dtype=np.float64))
-            if det.evidence_weights_.shape != (det.n_channels_, 2):
-                raise ValueError(f"evidence_weights has shape {det.evidence_weights_.shape}, expected "
-                                 f"({det.n_channels_}, 2)")
-            if not (np.isfinite(det.evidence_weights_).all() and (det.evidence_weights_ >= 0).all()):
-                raise ValueError("evidence_weights must be finite and non-negative")
-            det.threshold_model_ = threshold_from_dict(state["threshold"])
-            det.threshold_ = float(det.threshold_model_.threshold_)
-            # Scores are computed from these numbers: checked here, so a loaded detector cannot score NaN/inf.
             n = det.n_channels_
-            if det.channel_error_.shape not in ((n,), (n, 2)) or not (np.isfinite(det.channel_error_).all()
-                                                                     and (det.channel_error_ > 0).all()):
-                raise ValueError(f"channel_error must be finite positive numbers for each of the {n} channels")
             if det.scaler_.mean_.shape != (n,) or not (np.isfinite(det.scaler_.mean_).all()
                                                        and np.isfinite(det.scaler_.scale_).all()):
                 raise ValueError(f"the scaler must hold {n} finite means and scales")
-            if not np.isfinite(det.threshold_):
-                raise ValueError("the threshold is not a finite number")
-            det.calibrator_ = ScoreCalibrator.from_dict(state["calibrator"])
-            det.warmup_rows_ = int(state.get("warmup_rows", 0))  # schema 1: alarms were never held
-            if det.warmup_rows_ < 0:
-                raise ValueError("warmup_rows must be >= 0")
-            if version == 1 or state.get("fusion") is None:
-                det.state_, det.fusion_ = None, None
-            else:
-                det.state_ = StateModel.from_dict(state["state"], n)
-                det.fusion_ = Fusion.from_dict(state["fusion"], n)
+            det._load_scoring(state)
             det.report_ = dict(state["report"])
             det._check_scoring_params()
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise ArtifactError(f"{source} is malformed ({exc})") from exc
         return det
+
+    def scoring_state(self) -> dict[str, Any]:
+        """The fitted numbers that turn a model's errors into scores, alarms and probabilities (JSON-ready)."""
+        return {
+            "channel_error": self.channel_error_.tolist(),
+            "evidence_weights": self.evidence_weights_.tolist(),
+            "threshold": self.threshold_model_.to_dict(),
+            "calibrator": self.calibrator_.to_dict(),
+            "warmup_rows": self.warmup_rows_,
+            "state": None if self.fusion_ is None else self.state_.to_dict(),
+            "fusion": None if self.fusion_ is None else self.fusion_.to_dict(),
+        }
+
+    def _load_scoring(self, state: dict[str, Any]) -> None:
+        """Set and check what :meth:`scoring_state` wrote (or a schema 1 file's subset); raises ValueError/KeyError.
+        Scores are computed from these numbers: checked here, so a loaded detector cannot score NaN/inf."""
+        n = self.n_channels_
+        self.channel_error_ = np.asarray(state["channel_error"], dtype=np.float64)
+        if self.channel_error_.shape not in ((n,), (n, 2)) or not (np.isfinite(self.channel_error_).all()
+                                                                  and (self.channel_error_ > 0).all()):
+            raise ValueError(f"channel_error must be finite positive numbers for each of the {n} channels")
+        weights = state.get("evidence_weights")
+        self.evidence_weights_ = (evidence_weights(n, self.blind_weight) if weights is None
+                                  else np.asarray(weights, dtype=np.float64))
+        if self.evidence_weights_.shape != (n, 2):
+            raise ValueError(f"evidence_weights has shape {self.evidence_weights_.shape}, expected ({n}, 2)")
+        if not (np.isfinite(self.evidence_weights_).all() and (self.evidence_weights_ >= 0).all()):
+            raise ValueError("evidence_weights must be finite and non-negative")
+        self.threshold_model_ = threshold_from_dict(state["threshold"])
+        self.threshold_ = float(self.threshold_model_.threshold_)
+        if not np.isfinite(self.threshold_):
+            raise ValueError("the threshold is not a finite number")
+        self.calibrator_ = ScoreCalibrator.from_dict(state["calibrator"])
+        self.warmup_rows_ = int(state.get("warmup_rows", 0))  # schema 1: alarms were never held
+        if self.warmup_rows_ < 0:
+            raise ValueError("warmup_rows must be >= 0")
+        if state.get("fusion") is None:  # schema 1: dynamics only
+            self.state_, self.fusion_ = None, None
+        else:
+            self.state_ = StateModel.from_dict(state["state"], n)
+            self.fusion_ = Fusion.from_dict(state["fusion"], n)
 
     # ------------------------------------------------------------------ sklearn conventions
     def get_params(self, deep: bool = True) -> dict[str, Any]:

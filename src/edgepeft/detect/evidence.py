@@ -50,6 +50,18 @@ EVIDENCE_KINDS: tuple[str, ...] = (DYNAMICS, *STATE_KINDS)
 SCALE_FLOOR = 0.05
 RELATION_SMOOTHING = 4  # rows: the relation residual of a single noisy row is noise
 RELATION_VARIANCE = 0.9  # share of the normal variance the relation subspace keeps
+ENVELOPE = (0.005, 0.995)  # quantiles of a normal feature's range: inside it, level and scale evidence is 0
+# The smallest typical evidence a kind is divided by: an evidence that is 0 on almost every normal row (inside the
+# envelope) must not turn a hair outside it into a large score.
+MIN_TYPICAL = {"level": 0.25, "scale": 0.25}
+
+
+MIN_SPREAD = float(np.log(2.0))
+
+
+def _outside(values: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """How far each value lies outside [low, high] (0 inside)."""
+    return np.maximum(low - values, 0.0) + np.maximum(values - high, 0.0)
 
 
 def trailing_std(values: np.ndarray, window: int) -> np.ndarray:
@@ -87,8 +99,12 @@ class StateModel:
         level, scale, smooth = self._features(values)
         skip = min(self.state_window, len(level) // 2)  # rows with a whole trailing window
         level, scale, smooth = level[skip:], scale[skip:], smooth[skip:]
-        self.level_mean_, self.level_std_ = level.mean(0), level.std(0) + 1e-3
-        self.scale_mean_, self.scale_std_ = scale.mean(0), scale.std(0) + 1e-3
+        # The normal envelope of each feature, and its spread as the unit: a periodic or multi-modal channel
+        # (a sine's trailing std is small at every crest) is normal anywhere inside what it showed.
+        self.level_low_, self.level_high_ = np.quantile(level, ENVELOPE, axis=0)
+        self.scale_low_, self.scale_high_ = np.quantile(scale, ENVELOPE, axis=0)
+        self.level_std_, self.scale_std_ = level.std(0) + 1e-3, scale.std(0) + 1e-3
+        self.scale_mean_ = scale.mean(0)
         self.relation_mean_ = smooth.mean(0)
         _, singular, vt = np.linalg.svd(smooth - self.relation_mean_, full_matrices=False)
         energy = singular**2
@@ -103,8 +119,8 @@ class StateModel:
         centred = smooth - self.relation_mean_
         residual = centred - centred @ self.relation_basis_ @ self.relation_basis_.T
         return {
-            "level": ((level - self.level_mean_) / self.level_std_) ** 2,
-            "scale": ((scale - self.scale_mean_) / self.scale_std_) ** 2,
+            "level": (_outside(level, self.level_low_, self.level_high_) / self.level_std_) ** 2,
+            "scale": (_outside(scale, self.scale_low_, self.scale_high_) / self.scale_std_) ** 2,
             "relation": residual**2,
         }
 
@@ -115,8 +131,11 @@ class StateModel:
     def to_dict(self) -> dict[str, Any]:
         return {
             "state_window": int(self.state_window),
-            "level_mean": self.level_mean_.tolist(),
+            "level_low": self.level_low_.tolist(),
+            "level_high": self.level_high_.tolist(),
             "level_std": self.level_std_.tolist(),
+            "scale_low": self.scale_low_.tolist(),
+            "scale_high": self.scale_high_.tolist(),
             "scale_mean": self.scale_mean_.tolist(),
             "scale_std": self.scale_std_.tolist(),
             "relation_mean": self.relation_mean_.tolist(),
@@ -129,7 +148,8 @@ class StateModel:
         obj = cls(state_window=int(d["state_window"]))
         if obj.state_window < 1:
             raise ValueError("state_window must be >= 1")
-        for name in ("level_mean", "level_std", "scale_mean", "scale_std", "relation_mean"):
+        for name in ("level_low", "level_high", "level_std", "scale_low", "scale_high", "scale_mean", "scale_std",
+                     "relation_mean"):
             arr = np.asarray(d[name], dtype=np.float64)
             if arr.shape != (n_channels,) or not np.isfinite(arr).all():
                 raise ValueError(f"state {name} must hold {n_channels} finite numbers")
@@ -185,14 +205,16 @@ class Fusion:
     def fit(self, reference: dict[str, np.ndarray], weights: dict[str, float] | None = None) -> Fusion:
         """``reference``: kind -> (rows, channels) evidence on normal rows not used to fit the evidence models."""
         self.kinds_ = list(reference)
-        self.typical_ = {k: np.maximum(np.asarray(v, np.float64).mean(0), 1e-6) for k, v in reference.items()}
+        self.typical_ = {k: np.maximum(np.asarray(v, np.float64).mean(0), MIN_TYPICAL.get(k, 1e-6))
+                         for k, v in reference.items()}
         self.centre_, self.spread_ = {}, {}
         for kind, values in reference.items():
             logged = np.log1p(values / self.typical_[kind]).max(axis=1)
             centre = float(np.median(logged))
             self.centre_[kind] = centre
-            self.spread_[kind] = max(float(np.quantile(logged, 0.99)) - centre, 1e-6)
-        self.weights_ = {k: 1.0 for k in self.kinds_} if weights is None else {k: float(weights[k]) for k in self.kinds_}
+            # At least log(2): a kind that is quiet on every normal row is measured against doubling its typical value.
+            self.spread_[kind] = max(float(np.quantile(logged, 0.99)) - centre, MIN_SPREAD)
+        self.weights_ = {k: 1.0 if weights is None else float(weights[k]) for k in self.kinds_}
         return self
 
     def channel_scores(self, evidence: dict[str, np.ndarray]) -> np.ndarray:
@@ -236,7 +258,8 @@ class Fusion:
             centre, spread, weight = float(entry["centre"]), float(entry["spread"]), float(entry["weight"])
             if not (np.isfinite(centre) and np.isfinite(spread) and spread > 0 and np.isfinite(weight) and weight >= 0):
                 raise ValueError(f"fusion {kind} centre/spread/weight must be finite (spread > 0, weight >= 0)")
-            obj.typical_[kind], obj.centre_[kind], obj.spread_[kind], obj.weights_[kind] = typical, centre, spread, weight
+            obj.typical_[kind], obj.centre_[kind] = typical, centre
+            obj.spread_[kind], obj.weights_[kind] = spread, weight
         return obj
 
 

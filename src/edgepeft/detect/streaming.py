@@ -1,9 +1,11 @@
 """StreamingDetector: the river-style edge loop. Score each reading as it arrives, then learn from it.
 
-The same kind of score as :class:`~edgepeft.detect.detector.AnomalyDetector` (causal forecast + blind predictions
-per patch, per-channel normalised errors, trailing smoothing, calibrated threshold), computed one row at a time;
-its channels combine as a plain mean of the normalised errors (the batch detector's ``log1p``/max combination
-and slow-channel rule are not carried over yet):
+After probation, the score of a row IS :class:`~edgepeft.detect.detector.AnomalyDetector`'s: the same scoring core
+(``AnomalyDetector.calibrate`` at the end of probation, ``AnomalyDetector.score_errors`` per row on the last
+``stream_context()`` rows and their memoised patch errors), so the dynamics, state evidence, fusion, slow-channel
+rule, held warm-up rows, ``p_anomaly`` and alarm persistence are the batch detector's, and a stream with online
+updates off scores a file as ``AnomalyDetector.score`` does (:meth:`StreamingDetector.from_detector`). During
+probation, before anything is calibrated, rows get a provisional score (mean normalised error) and never alert:
 - ``score_one(x)`` scores the next reading without changing anything; ``learn_one(x)`` consumes it: it joins
   the rolling buffer and, every ``update_every`` rows, the adapter takes one optimizer step on windows drawn
   from rows judged normal. ``learn_many`` / ``score_many`` / ``process_many`` do the same for chunks.
@@ -39,6 +41,7 @@ from __future__ import annotations
 import collections
 import copy
 import hashlib
+import inspect
 import io
 import os
 import time
@@ -54,7 +57,8 @@ from edgepeft.core.config import atomic_write_bytes
 from edgepeft.core.errors import ArtifactError, ConfigError, DataError
 from edgepeft.data.csvio import validate_array
 from edgepeft.data.scaler import ChannelScaler
-from edgepeft.detect.threshold import ScoreCalibrator, make_threshold, threshold_from_dict
+from edgepeft.detect.detector import EVIDENCE_AUTO, AnomalyDetector
+from edgepeft.detect.threshold import ScoreCalibrator, check_persistence, make_threshold, p_anomaly
 from edgepeft.models.registry import list_bases, load_base
 from edgepeft.peft import PeftConfig, get_method, list_methods
 from edgepeft.peft.base import adapted_blocks
@@ -90,7 +94,7 @@ BUDGET_HEADROOM = 0.1
 # Frozen features are cached for the most recent rows only (per patch they cost N+1 tokens x d_model per
 # channel, far more than the raw rows): training on cached features draws its windows from these rows.
 FEATURE_CACHE_ROWS = 256  # normal scores kept to refit the threshold when a regime is announced
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: the batch detector's scoring state (Detector v2)
 
 
 class RunningScaler:
@@ -132,6 +136,7 @@ class RowScore:
     anomaly: int
     probation: int
     errors: np.ndarray
+    live: tuple[bool, int, np.ndarray] | None = None  # alarm state, run length, scaled row (live scoring only)
 
 
 class StreamingDetector:
@@ -192,6 +197,10 @@ class StreamingDetector:
         measure_every: int = 100,
         seed: int = 0,
         peft_options: dict[str, Any] | None = None,
+        evidence: str = EVIDENCE_AUTO,
+        state_window: int = 16,
+        raise_after: int = 1,
+        clear_after: int = 1,
     ) -> None:
         self.base = base
         self.method = method
@@ -220,10 +229,29 @@ class StreamingDetector:
         self.measure_every = measure_every
         self.seed = seed
         self.peft_options = peft_options
+        self.evidence = evidence
+        self.state_window = state_window
+        self.raise_after = raise_after
+        self.clear_after = clear_after
 
     # ------------------------------------------------------------------ parameters
     def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {name: copy.deepcopy(getattr(self, name)) for name in _PARAM_NAMES}
+        """The constructor's arguments, read from its signature (scikit-learn's convention)."""
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        return {name: copy.deepcopy(getattr(self, name)) for name in names}
+
+    def _make_core(self) -> AnomalyDetector:
+        """The batch detector that scores for this stream: its settings, this stream's model and scaler."""
+        core = AnomalyDetector(
+            base=self.base, method=self.method, rank=self.rank, target_far=self.target_far, threshold=self.threshold,
+            smoothing=self.smoothing, blind_weight=self.blind_weight, calib_fraction=self.calib_fraction,
+            seed=self.seed, evidence=self.evidence, state_window=self.state_window, raise_after=self.raise_after,
+            clear_after=self.clear_after,
+        )
+        core.channels_, core.n_channels_ = list(self.channels_), self.n_channels_
+        core.model_, core.method_ = self.model_, self.method_
+        core.scaler_ = self.scaler_
+        return core
 
     def _train_config(self, batch_size: int) -> StreamTrainConfig:
         continual = ContinualConfig(strategy=self.continual, reservoir_windows=self.replay_windows,
@@ -251,6 +279,8 @@ class StreamingDetector:
         if self.budget_mb is not None and self.budget_mb <= 0:
             raise ConfigError(f"budget_mb must be > 0, got {self.budget_mb}")
         self._train_config(self.batch_size)  # validates the training settings
+        check_persistence(self.raise_after, self.clear_after)
+        AnomalyDetector(evidence=self.evidence, state_window=self.state_window)._check_scoring_params()
 
     # ------------------------------------------------------------------ set-up
     def _build(self, adapt_last: int | None, n_channels: int) -> tuple[torch.nn.Module, Any]:
@@ -348,6 +378,11 @@ class StreamingDetector:
         self.calib_pool_ = np.zeros(0)
         self.scoring_peak_bytes_: int | None = None
         self.frozen_ = False  # a fork made by score_many: observes rows, learns nothing
+        # Live scoring: the batch detector's core, and the last rows (scaled) and errors its score reads.
+        self.core_: AnomalyDetector | None = None
+        self.context_rows_: collections.deque[np.ndarray] = collections.deque()
+        self.context_errors_: collections.deque[np.ndarray] = collections.deque()
+        self.alarm_on_, self.run_ = False, 0  # alarm persistence: current state, length of the current run
 
     def _one(self, x: Any) -> np.ndarray:
         """One reading (a sequence of C values, a {sensor: value} dict, or a number) as a (C,) row."""
@@ -418,16 +453,44 @@ class StreamingDetector:
         t = self.n_seen_
         if self.pending_patch_ != t // patch_len:
             self._predict_patch(t // patch_len)
+        if self.core_ is not None:
+            return self._score_live(row, t)
         scaled = (row.astype(np.float64) - self.pending_mean_) / self.pending_scale_  # (C,)
         errors = (self.pending_pred_[t % patch_len].astype(np.float64) - scaled[:, None]) ** 2  # (C, 2)
         normalised = errors / self._normaliser(errors)
         mixed = (1 - self.blind_weight) * normalised[:, 0] + self.blind_weight * normalised[:, 1]
         raw = float(mixed.mean())
         score = float(np.mean([*self.tail_, raw]))
-        probation = int(not self.live_ or t < self.regime_until_)
-        p_anomaly = 0.0 if not self.live_ else float(self.calibrator_.transform([score])[0])
-        anomaly = int(not probation and score > self.threshold_)
-        return RowScore(raw, score, p_anomaly, anomaly, probation, errors)
+        # Probation: nothing is calibrated yet, so no probability and no alarm.
+        return RowScore(raw, score, 0.0, 0, 1, errors)
+
+    def _score_live(self, row: np.ndarray, t: int) -> RowScore:
+        """The batch detector's score of row ``t``: its errors (the memoised patch prediction, made by the same
+        one-pass model arithmetic), then ``score_errors`` on the last ``stream_context()`` rows."""
+        core = self.core_
+        scaled = self.scaler_.transform(row[None, :])[0]  # (C,) float32, as the batch path scales
+        errors = (self.pending_pred_[t % self.stages_.patch_len] - scaled[:, None]) ** 2  # (C, 2)
+        rows = np.stack([*self.context_rows_, scaled])
+        scores = core.score_errors(rows, np.stack([*self.context_errors_, errors]))
+        score = float(scores[-1])
+        probation = int(t < self.regime_until_)
+        on, run = self._persist(score > core.threshold_)
+        anomaly = int(on and t >= core.warmup_rows_ and not probation)
+        p = float(p_anomaly(core.calibrator_, [score], core.threshold_)[0])
+        if t < core.warmup_rows_:
+            p = min(p, float(np.nextafter(0.5, 0.0)))
+        return RowScore(score, score, p, anomaly, probation, errors, (on, run, scaled))
+
+    def _persist(self, above: bool) -> tuple[bool, int]:
+        """The alarm state after one more row over (or under) the threshold: ``persist_alarms`` one row at a
+        time. ``run_`` counts the current run, positive over the threshold and negative under it."""
+        run = (self.run_ + 1 if self.run_ > 0 else 1) if above else (self.run_ - 1 if self.run_ < 0 else -1)
+        on = self.alarm_on_
+        if above and not on and run >= self.raise_after:
+            on = True
+        elif not above and on and -run >= self.clear_after:
+            on = False
+        return on, run
 
     # ------------------------------------------------------------------ learning
     def _learn_row(self, row: np.ndarray, rs: RowScore, normal: bool | None) -> None:
@@ -443,6 +506,10 @@ class StreamingDetector:
             # The fault began before it was flagged: the rows leading up to the alert are not learned either.
             self.buffer_.set_flags(t - self.quarantine, t + 1, False)
         self.tail_.append(rs.raw)
+        if rs.live is not None:
+            self.alarm_on_, self.run_, scaled = rs.live
+            self.context_rows_.append(scaled)
+            self.context_errors_.append(rs.errors)
         if not self.live_:
             self.running_.update(row)
             self.recent_errors_.append(rs.errors)
@@ -467,54 +534,70 @@ class StreamingDetector:
         extra = self.buffer_.nbytes - self.buffer_.values.nbytes - self.buffer_.flags.nbytes  # the feature cache
         return self.trainer_.update(self.buffer_, upto, self._transform, extra)
 
-    def _rescore(self, start: int, stop: int, chunk: int = 64) -> np.ndarray:
-        """(T, C, 2) squared errors of rows start..stop with the current model (for calibration)."""
-        stages = self.stages_
-        window_len, patch_len = stages.window_len, stages.patch_len
-        first_patch, last_patch = start // patch_len, -(-stop // patch_len)
-        errors = []
-        blind = self.n_channels_ > 1 and self.blind_weight > 0
-        for lo in range(first_patch, last_patch, chunk):
-            patches = np.arange(lo, min(lo + chunk, last_patch))
-            raw, pad = self.buffer_.windows((patches + 1) * patch_len, window_len, patch_len)
-            pad[:, :, -1] = True  # rows past the end of the last patch are hidden (and zeroed)
-            pred, _ = stages.predict(scale_windows(raw, pad, self._transform), pad, blind)
-            errors.append(pred.reshape(-1, self.n_channels_, 2))
-        predicted = np.concatenate(errors)[start - first_patch * patch_len : stop - first_patch * patch_len]
-        scaled = self._transform(self.buffer_.rows(start, stop)).astype(np.float64)
-        return (predicted.astype(np.float64) - scaled[:, :, None]) ** 2
-
-    def _aggregate(self, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(raw, smoothed) scores of consecutive rows, the same arithmetic as ``_score_row``."""
-        normalised = errors / self.channel_error_
-        mixed = (1 - self.blind_weight) * normalised[..., 0] + self.blind_weight * normalised[..., 1]
-        raw = mixed.mean(axis=1)
-        smoothed = np.array([np.mean(raw[max(0, i - self.smoothing + 1) : i + 1]) for i in range(len(raw))])
-        return raw, smoothed
-
     def _finish_probation(self) -> None:
         self.scaler_ = self.running_.to_scaler()
         upto = self.n_fit_
         for _ in range(self.warmup_steps):
             self.trainer_.update(self.buffer_, upto, self._transform)
-        errors = self._rescore(0, self.warmup)
-        full_context = min(self.stages_.window_len, self.n_fit_ // 2)
-        self.channel_error_ = np.maximum(errors[full_context : self.n_fit_].mean(axis=0), 1e-6)
-        raw, smoothed = self._aggregate(errors)
-        calib = smoothed[self.n_fit_ :]
-        self._calibrate(calib)
-        self.calib_pool_ = calib.copy()
+        core = self._make_core()
+        scaled = self._transform(self.buffer_.rows(0, self.warmup))
+        errors = core.calibrate(scaled, self.n_fit_)  # the batch detector's calibration, on the probation rows
+        self.stages_.set_training(False)
+        self._go_live(core, scaled, errors)
+        self.calib_pool_ = core.score_errors(scaled, errors)[self.n_fit_ :]
         self.buffer_.set_flags(self.n_fit_, self.warmup, True)  # calibration done: the held-out rows are normal
-        self.tail_.clear()
-        self.tail_.extend(raw[len(raw) - (self.smoothing - 1) :].tolist() if self.smoothing > 1 else [])
+        self.trainer_.fisher(self.buffer_, self.n_fit_, self._transform)
+
+    def _go_live(self, core: AnomalyDetector, scaled: np.ndarray, errors: np.ndarray) -> None:
+        """Score from now on with ``core``; ``scaled`` / ``errors`` are the rows seen so far (their tail is the
+        context of the next rows)."""
+        self.core_ = core
+        self.channel_error_ = core.channel_error_
+        self.threshold_model_, self.threshold_, self.calibrator_ = (core.threshold_model_, core.threshold_,
+                                                                     core.calibrator_)
+        keep = core.stream_context()
+        self.context_rows_ = collections.deque(list(scaled[-keep:]) if len(scaled) else [], maxlen=keep)
+        self.context_errors_ = collections.deque(list(errors[-keep:]) if len(errors) else [], maxlen=keep)
         self.pending_patch_ = -1  # the next patch is predicted by the adapted model and the frozen scaler
         self.live_ = True
-        self.trainer_.fisher(self.buffer_, self.n_fit_, self._transform)
+
+    @classmethod
+    def from_detector(cls, detector: AnomalyDetector, **params: Any) -> StreamingDetector:
+        """Stream with a fitted batch detector (no probation): its adapter, scaler and calibration from the first
+        row. With ``update_every=None`` (the default here) nothing is learned and every row scores exactly as
+        ``detector.score`` scores the whole series; otherwise the adapter keeps learning as the stream goes.
+
+        >>> import numpy as np
+        >>> t = np.arange(900)
+        >>> X = np.c_[np.sin(t / 5), np.cos(t / 5)] + 0.05 * np.random.default_rng(0).normal(size=(900, 2))
+        >>> det = AnomalyDetector(base="tiny", method="lora", rank=4, steps=10).fit(X[:600])
+        >>> stream = StreamingDetector.from_detector(det)
+        >>> bool(np.allclose(stream.process_many(X)["score"], det.score(X), atol=1e-6))
+        True
+        """
+        detector._check_fitted()
+        settings = {"update_every": None, "warmup_steps": 0, **params}
+        stream = cls(base=detector.base, method=detector.peft_config_.method, rank=detector.rank,
+                     target_far=detector.target_far, threshold=detector.threshold, smoothing=detector.smoothing,
+                     blind_weight=detector.blind_weight, seed=detector.seed, evidence=detector.evidence,
+                     state_window=detector.state_window, raise_after=detector.raise_after,
+                     clear_after=detector.clear_after, **settings)
+        stream._setup(detector.n_channels_, detector.channels_)
+        stream.model_.load_state_dict(detector.model_.state_dict(), strict=False)
+        stream.scaler_ = detector.scaler_
+        core = stream._make_core()
+        core._load_scoring(detector.scoring_state())
+        stream.n_fit_ = 0
+        stream._go_live(core, np.zeros((0, detector.n_channels_), np.float32), np.zeros((0, detector.n_channels_, 2)))
+        return stream
 
     def _calibrate(self, scores: np.ndarray) -> None:
         self.threshold_model_ = make_threshold(self.threshold, self.target_far).fit(scores)
         self.threshold_ = float(self.threshold_model_.threshold_)
         self.calibrator_ = ScoreCalibrator().fit(scores)
+        if self.core_ is not None:
+            self.core_.threshold_model_, self.core_.threshold_ = self.threshold_model_, self.threshold_
+            self.core_.calibrator_ = self.calibrator_
 
     def _finish_regime(self) -> None:
         recent = np.asarray(self.regime_scores_[len(self.regime_scores_) // 2 :])
@@ -591,6 +674,7 @@ class StreamingDetector:
         fork.running_ = copy.deepcopy(self.running_)
         fork.recent_errors_ = copy.copy(self.recent_errors_)
         fork.tail_ = copy.copy(self.tail_)
+        fork.context_rows_, fork.context_errors_ = copy.copy(self.context_rows_), copy.copy(self.context_errors_)
         fork.regime_scores_ = []
         return fork
 
@@ -643,9 +727,9 @@ class StreamingDetector:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-identically (tensors and plain values only)."""
         self._check_setup()
-        threshold = calibrator = None
-        if self.live_:
-            threshold, calibrator = self.threshold_model_.to_dict(), self.calibrator_.to_dict()
+        core = None
+        if self.core_ is not None:
+            core = self.core_.scoring_state()
         return {
             "version": _STATE_VERSION,
             "params": self.get_params(),
@@ -661,8 +745,11 @@ class StreamingDetector:
             "recent_errors": torch.from_numpy(np.stack([*self.recent_errors_, np.zeros((self.n_channels_, 2))])),
             "scaler": None if self.scaler_ is None else self.scaler_.to_dict(),
             "channel_error": None if self.channel_error_ is None else torch.from_numpy(self.channel_error_.copy()),
-            "threshold": threshold,
-            "calibrator": calibrator,
+            "core": core,
+            "context_rows": torch.from_numpy(np.stack([*self.context_rows_, np.zeros(self.n_channels_, np.float32)])),
+            "context_errors": torch.from_numpy(np.stack([*self.context_errors_,
+                                                         np.zeros((self.n_channels_, 2), np.float32)])),
+            "alarm": [bool(self.alarm_on_), int(self.run_)],
             "tail": list(self.tail_),
             "pending_patch": self.pending_patch_,
             "pending_pred": torch.from_numpy(self.pending_pred_.copy()),
@@ -693,10 +780,12 @@ class StreamingDetector:
             det.recent_errors_.extend(state["recent_errors"].numpy()[:-1].copy())
             det.scaler_ = None if state["scaler"] is None else ChannelScaler.from_dict(state["scaler"])
             det.channel_error_ = None if state["channel_error"] is None else state["channel_error"].numpy().copy()
-            if det.live_:
-                det.threshold_model_ = threshold_from_dict(state["threshold"])
-                det.threshold_ = float(det.threshold_model_.threshold_)
-                det.calibrator_ = ScoreCalibrator.from_dict(state["calibrator"])
+            if state["core"] is not None:
+                core = det._make_core()
+                core._load_scoring(state["core"])
+                det._go_live(core, state["context_rows"].numpy()[:-1].copy(),
+                             state["context_errors"].numpy()[:-1].copy())
+            det.alarm_on_, det.run_ = bool(state["alarm"][0]), int(state["alarm"][1])
             det.tail_.extend(float(v) for v in state["tail"])
             det.pending_patch_ = int(state["pending_patch"])
             det.pending_pred_ = state["pending_pred"].numpy().copy()

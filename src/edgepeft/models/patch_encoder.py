@@ -151,10 +151,8 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """``x`` (B', T, D) through the block; with ``context``, its attention reads those tokens instead (see
         :meth:`Attention.forward`), which is how one pass makes every channel's blind prediction."""
-        if context is None:
-            x = x + self.attn(self.ln1(x))
-        else:
-            x = x + self.attn(self.ln1(x), self.ln1(context), allowed)
+        normed = self.ln1(x)
+        x = x + self.attn(normed, None if context is None else self.ln1(context), allowed)
         return x + self.mlp(self.ln2(x))
 
 

@@ -38,8 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-
 from edgepeft.core.config import fsync_dir
 from edgepeft.core.errors import ArtifactError, ConfigError, ModelError, OutputError
 from edgepeft.runtime.cache import AdapterCache

@@ -37,7 +37,7 @@ from edgepeft.delta import pack as pack_module
 from edgepeft.delta.bundle import HEADER, MAGIC, MAX_BUNDLE_BYTES, SIGNATURE_BYTES, signed_digest
 from edgepeft.delta.manifest import canonical_json
 from edgepeft.detect import detector as detector_module
-from edgepeft.detect.detector import AnomalyDetector
+from edgepeft.detect.detector import SCHEMA_VERSIONS, AnomalyDetector, detector_schema
 from edgepeft.models.registry import load_card
 from tests.conftest import sine_series
 
@@ -86,7 +86,7 @@ def test_bundle_files_are_the_folder_in_memory_and_a_parsed_bundle_verifies_once
     parsed = read_bundle(bundle_bytes)
     bundle = verify_bundle(parsed, [key.public_key()], installed_release=4)
     files = bundle_files(bundle)
-    assert files.state == read_json(detector_dir / "detector.json")
+    assert files.state == read_json(detector_dir / "detector.json", versions=SCHEMA_VERSIONS)
     for name, tensors in files.tensors.items():
         on_disk = load_file(str(detector_dir / "adapter" / name))
         assert tensors.keys() == on_disk.keys()
@@ -396,14 +396,14 @@ def test_pack_turns_nan_metrics_into_null_and_refuses_other_nans(
 ) -> None:
     copy = tmp_path / "det"
     shutil.copytree(detector_dir, copy)
-    state = read_json(copy / "detector.json")
+    state = read_json(copy / "detector.json", versions=SCHEMA_VERSIONS)
     state["report"]["train_loss"] = float("nan")  # what a zero-step fit reports
-    write_json(copy / "detector.json", state)
+    write_json(copy / "detector.json", state, version=detector_schema(state))
     bundle = read_bundle(pack_bundle(copy, key, asset_id="a", version="1", release=1))
     assert bundle.manifest["metrics"]["train_loss"] is None
     assert AnomalyDetector.load(unpack_bundle(bundle, tmp_path / "out")).report_["train_loss"] is None
     state["threshold"]["gamma"] = float("inf")
-    write_json(copy / "detector.json", state)
+    write_json(copy / "detector.json", state, version=detector_schema(state))
     with pytest.raises(BundleError, match="threshold.state.gamma is inf; re-fit"):
         pack_bundle(copy, key, asset_id="a", version="1", release=1)
 
