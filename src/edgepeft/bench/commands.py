@@ -20,7 +20,7 @@ DataOpt = Annotated[Path | None, typer.Option("--data", help="Dataset folder (de
 MethodsOpt = Annotated[
     str | None,
     typer.Option("--methods", help="Comma-separated contenders, e.g. lora,full,pca (default: all: lora, dora, ia3, "
-                 "adapter, prefix, bitfit, full, scratch, zeroshot, iforest, pca, movvar, sqdiff)."),
+                 "adapter, prefix, bitfit, full, scratch, zeroshot, iforest, pca, movvar, sqdiff, knn, cnn)."),
 ]
 LimitOpt = Annotated[int | None, typer.Option("--limit", help="Only the first N files / assets (smoke runs).")]
 BaseOpt = Annotated[str, typer.Option("--base", help="Base model of our methods: tiny or small.")]
@@ -170,6 +170,37 @@ def deploy(
     folder = _out(out, "deploy")
     results = run_deploy_bench(folder, quick=quick, base=base)
     console = Console(soft_wrap=True)
+    for target in results["targets"]:
+        console.print(f"{target['status'].upper()} {target['target']}: {target['measured']}", highlight=False)
+    console.print(f"results -> {folder / 'results.json'}, {folder / 'results.md'}", highlight=False)
+
+
+@bench_app.command()
+def channels(
+    out: Annotated[Path | None, typer.Option(help="Output folder (default bench-out/channels).")] = None,
+    counts: Annotated[str, typer.Option("--channels", help="Comma-separated channel counts.")] = "8,16,32,64",
+    rows: Annotated[int, typer.Option(min=100, help="Rows scored per channel count.")] = 2000,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats (best kept).")] = 3,
+    base: Annotated[str, typer.Option(help="Base model.")] = "tiny",
+) -> None:
+    """Scoring cost per value from 8 to 64 channels: the one-pass blind prediction against the C copies."""
+    from rich.console import Console
+
+    from edgepeft.bench.scaling import run_channel_scaling
+    from edgepeft.core.errors import ConfigError
+
+    try:
+        numbers = [int(part) for part in counts.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--channels must be comma-separated whole numbers, got {counts!r}") from None
+    if not numbers or min(numbers) < 1:
+        raise ConfigError(f"--channels must list channel counts >= 1, got {counts!r}")
+    folder = _out(out, "channels")
+    results = run_channel_scaling(folder, channels=numbers, rows=rows, repeats=repeats, base=base)
+    console = Console(soft_wrap=True)
+    for row in results["rows"]:
+        console.print(f"{row['channels']:>3} channels: {row['values_per_s']:>10,.0f} values/s one pass, "
+                      f"{row['copies_values_per_s']:>10,.0f} with C copies", highlight=False)
     for target in results["targets"]:
         console.print(f"{target['status'].upper()} {target['target']}: {target['measured']}", highlight=False)
     console.print(f"results -> {folder / 'results.json'}, {folder / 'results.md'}", highlight=False)

@@ -2,12 +2,18 @@
 
 For every pump of a simulated fleet the demo trains an adapter on the pump's normal data, saves it (to
 measure what would travel to the device), scores the pump's faulty test part, and flags rows at the
-threshold calibrated for a 1 % false-alarm rate on held-out normal rows. An IsolationForest baseline runs
-on the same split with the same calibration. Metrics are point-wise, with no point adjustment
-(FIELD-NOTES "Detection quality").
+threshold calibrated for a 1 % false-alarm rate on held-out normal rows. Two classical baselines,
+IsolationForest and PCA (T-squared + Q), run on the same split with the same calibration
+(:data:`BASELINE_NAMES`). Metrics are point-wise, with no point adjustment (FIELD-NOTES "Detection quality").
+Per fault kind, the share of its rows each detector flags shows which faults each one catches.
+
+Every flagged row is explained (``score_all(explain=True)``: its strongest sensors with their kind of evidence,
+e.g. ``vib_rms:scale``); flagged rows separated by at most :data:`ALERT_GAP_ROWS` unflagged rows form one alert,
+which keeps its most frequent explanation, its three most named sensors and the true fault it overlaps, if any.
 
 Outputs in ``out_dir``: ``adapters/<pump>/`` (the saved detectors), ``index.html`` (a self-contained
-report with plots) and ``results.json`` (every number in the table, plus machine, date and command).
+report with plots, the by-fault table and each pump's alerts) and ``results.json`` (every number in the
+tables, the alerts, plus machine, date and command).
 
 Usage (the CLI's ``edgepeft demo`` calls this; a full default run takes minutes, so it is not a doctest)::
 
@@ -28,14 +34,16 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
-from edgepeft.bench.baselines import IsolationForestDetector
+from edgepeft.bench.baselines import BASELINES
 from edgepeft.core.config import write_json
 from edgepeft.core.errors import OutputError
 from edgepeft.data.synthetic import PumpAsset, make_pump_fleet
@@ -48,16 +56,28 @@ if TYPE_CHECKING:
 # How many sensor channels each pump's plot shows: the one that changes most at each fault, at least 3.
 MIN_PLOT_CHANNELS = 3
 MAX_PLOT_CHANNELS = 4
-# The table's columns: (terminal title, report title, PumpResult attribute, format). One list so the terminal,
-# the HTML and the JSON can never disagree about what the table holds.
+# The classical baselines beside ours (keys of edgepeft.bench.baselines.BASELINES), with (short, long) titles.
+# Each one is fitted and scored exactly like ours; its numbers go into results.json as "<name>_<number>".
+BASELINE_NAMES: tuple[str, ...] = ("iforest", "pca")
+BASELINE_TITLES: dict[str, tuple[str, str]] = {"iforest": ("IF", "IsolationForest"), "pca": ("PCA", "PCA")}
+# Flagged rows more than this many unflagged rows apart belong to different alerts.
+ALERT_GAP_ROWS = 10
+# The report lists at most this many alerts per pump (results.json has them all).
+MAX_HTML_ALERTS = 15
+# The table's columns: (terminal title, report title, key in a row's results.json dict, format). One list so
+# the terminal, the HTML and the JSON can never disagree about what the table holds.
 TABLE_COLUMNS: list[tuple[str, str, str, str]] = [
     ("train %", "trainable %", "trainable_pct", "{:.2f}"),
     ("KB", "adapter KB", "adapter_kb", "{:.1f}"),
     ("adapt s", "adapt s", "adapt_seconds", "{:.1f}"),
     ("F1", "F1", "f1", "{:.3f}"),
+    ("FAR %", "false alarms %", "far_pct", "{:.1f}"),
     ("AUC-PR", "AUC-PR", "auc_pr", "{:.3f}"),
-    ("IF F1", "IsolationForest F1", "iforest_f1", "{:.3f}"),
-    ("IF AUC-PR", "IsolationForest AUC-PR", "iforest_auc_pr", "{:.3f}"),
+    *[
+        (f"{BASELINE_TITLES[name][0]} {metric}", f"{BASELINE_TITLES[name][1]} {metric}", f"{name}_{key}", "{:.3f}")
+        for name in BASELINE_NAMES
+        for metric, key in (("F1", "f1"), ("AUC-PR", "auc_pr"))
+    ],
 ]
 
 
@@ -65,7 +85,7 @@ TABLE_COLUMNS: list[tuple[str, str, str, str]] = [
 class FaultResult:
     """One injected fault: where it is and what share of its rows each detector flagged.
 
-    >>> FaultResult("stuck_sensor", start=2400, end=2580, recall=0.0, iforest_recall=0.1).end
+    >>> FaultResult("stuck_sensor", start=2400, end=2580, recall=0.0, baseline_recall={"iforest": 0.1}).end
     2580
     """
 
@@ -73,14 +93,44 @@ class FaultResult:
     start: int  # first row, test coordinates
     end: int  # one past the last row
     recall: float  # share of the fault's rows we flagged
-    iforest_recall: float
+    baseline_recall: dict[str, float] = field(default_factory=dict)  # the same, per baseline name
+
+
+@dataclass
+class BaselineResult:
+    """One baseline's numbers on one pump, computed exactly like ours (:class:`PumpResult`)."""
+
+    f1: float
+    far_pct: float
+    auc_pr: float
+    best_f1: float
+    vus_pr: float
+
+
+@dataclass
+class Alert:
+    """Consecutive flagged rows of one pump (gaps of at most :data:`ALERT_GAP_ROWS`) and why they were flagged.
+
+    >>> Alert(start=10, end=40, rows=25, max_p_anomaly=0.97, explanation="flow:relation",
+    ...       channels=["flow", "pressure_out"], fault="impeller_wear").end
+    40
+    """
+
+    start: int  # first flagged row, test coordinates
+    end: int  # one past the last flagged row
+    rows: int  # flagged rows inside [start, end)
+    max_p_anomaly: float
+    explanation: str  # the most frequent strongest "channel:kind" of its rows
+    channels: list[str]  # up to 3 sensors, most often named in its rows' explanations first
+    fault: str | None  # kind of the true fault it overlaps most, None for a false alert
 
 
 @dataclass
 class PumpResult:
     """One pump's row of the table, plus the secondary numbers that go into results.json.
 
-    >>> zeros = {f.name: 0 for f in dataclasses.fields(PumpResult) if f.name not in ("pump", "fault_kinds", "faults")}
+    >>> required = [f.name for f in dataclasses.fields(PumpResult) if f.default_factory is dataclasses.MISSING]
+    >>> zeros = {name: 0 for name in required if name not in ("pump", "fault_kinds")}
     >>> row = PumpResult(**{**zeros, "pump": "pump-01", "fault_kinds": [], "adapter_bytes": 35168,
     ...                     "trainable_share": 0.0607})
     >>> round(row.adapter_kb, 1), round(row.trainable_pct, 2)
@@ -102,12 +152,9 @@ class PumpResult:
     auc_pr: float
     best_f1: float  # best point-wise F1 over all thresholds (an upper bound, needs labels)
     vus_pr: float
-    iforest_f1: float
-    iforest_far_pct: float
-    iforest_auc_pr: float
-    iforest_best_f1: float
-    iforest_vus_pr: float
+    baselines: dict[str, BaselineResult] = field(default_factory=dict)  # by name, as in BASELINE_NAMES
     faults: list[FaultResult] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)  # ours, explained
 
     @property
     def trainable_pct(self) -> float:
@@ -157,7 +204,8 @@ def run_demo(
     seed: int = 0,
     console: Console | None = None,
 ) -> DemoResult:
-    """Adapt one detector per simulated pump, compare with IsolationForest, write the report and JSON."""
+    """Adapt one detector per simulated pump, compare with the baselines, explain its alerts, write the report
+    and JSON."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -196,19 +244,16 @@ def run_demo(
         progress.update(steps_task, visible=False)
 
     mean = _mean_row(rows)
-    # Below ~110 columns (a pipe or CI log gets 80) the fault lists go under the table instead of being folded
-    # into a column a few characters wide.
-    wide = console.width >= 110
-    console.print(_rich_table(rows, mean, base=base, method=method, steps=steps, faults=wide))
-    if not wide:
-        for row in rows:
-            console.print(f"{row.pump} faults: {', '.join(row.fault_kinds)}", highlight=False)
+    per_kind = _per_kind(rows)
+    for table in _rich_tables(console, rows, mean, title=f"edgepeft demo: base {base!r}, {method}, {steps} steps"):
+        console.print(table)
+    console.print(_rich_kind_table(per_kind))
     settings = {"base": base, "method": method, "n_pumps": n_pumps, "steps": steps, "seed": seed}
     meta = _run_metadata(settings)
     html_path = out_dir / "index.html"
     json_path = out_dir / "results.json"
     try:
-        html_path.write_text(_html_report(rows, mean, traces, meta), encoding="utf-8")
+        html_path.write_text(_html_report(rows, mean, per_kind, traces, meta), encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"cannot write {html_path} ({exc.strerror or exc})") from exc
     # The wall time includes writing the report.
@@ -220,7 +265,8 @@ def run_demo(
             "columns": [attr for _, _, attr, _ in TABLE_COLUMNS],
             "rows": [_row_dict(row) for row in rows],
             "mean": mean,
-            "fault_kinds": _per_kind(rows),
+            "baselines": list(BASELINE_NAMES),
+            "fault_kinds": per_kind,
         })
     except OSError as exc:
         raise OutputError(f"cannot write {json_path} ({exc.strerror or exc})") from exc
@@ -244,7 +290,8 @@ def _run_pump(
 ) -> tuple[PumpResult, _Trace]:
     det = AnomalyDetector(base=base, method=method, steps=steps, seed=seed)
     fit_started = time.perf_counter()
-    det.fit(pump.train, progress=on_step)
+    # Named columns: the saved detector and its explanations then name the pump's real sensors, not ch0, ch1, ...
+    det.fit(pd.DataFrame(pump.train, columns=pump.channels), progress=on_step)
     fit_seconds = time.perf_counter() - fit_started
     saved = det.save(adapters_dir / pump.name)
     info = det.info(saved)
@@ -254,22 +301,34 @@ def _run_pump(
     history = len(pump.train)
     stream = np.concatenate([pump.train, pump.test])
     score_started = time.perf_counter()
-    ours = {key: value[history:] for key, value in det.score_all(stream).items()}
+    # explain=True: the same scores and alarms, plus the strongest sensors of every flagged row.
+    ours = {key: value[history:] for key, value in det.score_all(stream, explain=True).items()}
     score_seconds = time.perf_counter() - score_started
 
-    # Same split and the same calibration recipe, so the two differ only in the scoring model.
-    forest = IsolationForestDetector(
-        target_far=det.target_far, threshold=det.threshold, smoothing=det.smoothing,
-        calib_fraction=det.calib_fraction, seed=seed,
-    ).fit(pump.train)
-    theirs = {key: value[history:] for key, value in forest.score_all(stream).items()}
+    # Same split, the same calibration recipe and the same alarm persistence, so ours and each baseline differ
+    # only in the scoring model.
+    calibration = {
+        "target_far": det.target_far, "threshold": det.threshold, "smoothing": det.smoothing,
+        "calib_fraction": det.calib_fraction, "seed": seed, "raise_after": det.raise_after,
+        "clear_after": det.clear_after,
+    }
+    theirs = {}
+    for name in BASELINE_NAMES:
+        baseline = BASELINES[name](**calibration).fit(pump.train)
+        theirs[name] = {key: value[history:] for key, value in baseline.score_all(stream).items()}
 
     labels = pump.labels
     f1, far, mar = f1_far_mar(confusion(labels, ours["anomaly"]))
-    iforest_f1, iforest_far, _ = f1_far_mar(confusion(labels, theirs["anomaly"]))
+    baselines = {}
+    for name, scored in theirs.items():
+        their_f1, their_far, _ = f1_far_mar(confusion(labels, scored["anomaly"]))
+        baselines[name] = BaselineResult(
+            f1=their_f1, far_pct=their_far, auc_pr=auc_pr(labels, scored["score"]),
+            best_f1=best_f1(labels, scored["score"])[0], vus_pr=vus_pr(labels, scored["score"]),
+        )
     faults = [
         FaultResult(kind, start, end, float(ours["anomaly"][start:end].mean()),
-                    float(theirs["anomaly"][start:end].mean()))
+                    {name: float(scored["anomaly"][start:end].mean()) for name, scored in theirs.items()})
         for start, end, kind in pump.faults
     ]
     row = PumpResult(
@@ -288,14 +347,53 @@ def _run_pump(
         auc_pr=auc_pr(labels, ours["score"]),
         best_f1=best_f1(labels, ours["score"])[0],
         vus_pr=vus_pr(labels, ours["score"]),
-        iforest_f1=iforest_f1,
-        iforest_far_pct=iforest_far,
-        iforest_auc_pr=auc_pr(labels, theirs["score"]),
-        iforest_best_f1=best_f1(labels, theirs["score"])[0],
-        iforest_vus_pr=vus_pr(labels, theirs["score"]),
+        baselines=baselines,
         faults=faults,
+        alerts=_alerts(ours["anomaly"], ours["p_anomaly"], ours["top_channels"], pump.faults),
     )
     return row, _Trace(pump, ours["score"], ours["anomaly"], float(det.threshold_), _fault_channels(pump))
+
+
+def _alerts(
+    anomaly: np.ndarray,
+    p_anomaly: np.ndarray,
+    top_channels: Sequence[str],
+    faults: Sequence[tuple[int, int, str]],
+    gap: int = ALERT_GAP_ROWS,
+) -> list[Alert]:
+    """Group flagged rows into alerts (a run of more than ``gap`` unflagged rows starts a new one) and explain each.
+
+    >>> flagged = np.array([0, 1, 1, 0, 1] + [0] * 12 + [1, 0])
+    >>> labels = ["" if not f else "flow:relation;vib_rms:scale" for f in flagged]
+    >>> labels[2] = "vib_rms:scale;flow:relation;pressure_out:level"
+    >>> alerts = _alerts(flagged, flagged * 0.9, labels, [(0, 6, "cavitation")], gap=10)
+    >>> [(a.start, a.end, a.rows, a.explanation, a.fault) for a in alerts]
+    [(1, 5, 3, 'flow:relation', 'cavitation'), (17, 18, 1, 'flow:relation', None)]
+    >>> alerts[0].channels
+    ['flow', 'vib_rms', 'pressure_out']
+    """
+    flagged = np.flatnonzero(np.asarray(anomaly))
+    if flagged.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(flagged) - 1 > gap) + 1
+    alerts = []
+    for group in np.split(flagged, breaks):
+        start, end = int(group[0]), int(group[-1]) + 1
+        parts = [label.split(";") for label in (top_channels[i] for i in group) if label]
+        firsts = Counter(part[0] for part in parts)
+        names = Counter(item.rpartition(":")[0] for part in parts for item in part)
+        overlaps = [(min(end, f_end) - max(start, f_start), kind) for f_start, f_end, kind in faults]
+        overlap, kind = max(overlaps, key=lambda item: item[0], default=(0, None))
+        alerts.append(Alert(
+            start=start,
+            end=end,
+            rows=len(group),
+            max_p_anomaly=float(np.max(p_anomaly[start:end])),
+            explanation=firsts.most_common(1)[0][0] if firsts else "",
+            channels=[name for name, _ in names.most_common(3)],
+            fault=kind if overlap > 0 else None,
+        ))
+    return alerts
 
 
 def _fault_channels(pump: PumpAsset, context_rows: int = 150) -> list[int]:
@@ -338,9 +436,17 @@ def _fault_channels(pump: PumpAsset, context_rows: int = 150) -> list[int]:
 
 
 def _row_dict(row: PumpResult) -> dict[str, Any]:
+    """A pump's row as results.json holds it: the baselines' numbers flattened to ``<name>_<number>``
+    (``iforest_f1``, ``pca_auc_pr``, ...; per fault ``iforest_recall``, ...), so every table key is top level."""
     out = dataclasses.asdict(row)
+    for name, numbers in out.pop("baselines").items():
+        out.update({f"{name}_{key}": value for key, value in numbers.items()})
+    for fault in out["faults"]:
+        fault.update({f"{name}_recall": value for name, value in fault.pop("baseline_recall").items()})
     out["trainable_pct"] = row.trainable_pct
     out["adapter_kb"] = row.adapter_kb
+    out["n_alerts"] = len(row.alerts)
+    out["n_false_alerts"] = sum(alert.fault is None for alert in row.alerts)
     return out
 
 
@@ -351,44 +457,111 @@ def _mean_row(rows: list[PumpResult]) -> dict[str, float]:
     return {name: float(np.mean([d[name] for d in dicts])) for name in numeric}
 
 
-def _per_kind(rows: list[PumpResult]) -> dict[str, dict[str, float]]:
-    """Mean recall per fault kind over the fleet: which faults we catch and which we miss."""
+def _per_kind(rows: list[PumpResult], top: int = 5) -> dict[str, dict[str, Any]]:
+    """Per fault kind over the fleet: how many, the mean share of their rows each detector flagged (which faults
+    each one catches and which it misses), and the ``top`` explanations of our alerts on them, with counts."""
     kinds: dict[str, list[FaultResult]] = {}
+    explained: dict[str, Counter[str]] = {}
     for row in rows:
         for fault in row.faults:
             kinds.setdefault(fault.kind, []).append(fault)
+        for alert in row.alerts:
+            if alert.fault is not None and alert.explanation:
+                explained.setdefault(alert.fault, Counter())[alert.explanation] += 1
     return {
         kind: {
             "count": len(faults),
             "recall": float(np.mean([f.recall for f in faults])),
-            "iforest_recall": float(np.mean([f.iforest_recall for f in faults])),
+            **{f"{name}_recall": float(np.mean([f.baseline_recall[name] for f in faults])) for name in BASELINE_NAMES},
+            "explanations": dict(explained.get(kind, Counter()).most_common(top)),
         }
         for kind, faults in sorted(kinds.items())
     }
 
 
+def _explanation_text(counts: dict[str, int]) -> str:
+    """``{"vib_rms:scale": 4, "flow:relation": 1}`` -> ``"vib_rms:scale (4), flow:relation (1)"``, most first.
+
+    >>> _explanation_text({"flow:relation": 1, "vib_rms:scale": 4})
+    'vib_rms:scale (4), flow:relation (1)'
+    """
+    return ", ".join(f"{label} ({n})" for label, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+# The terminal table gets a fault-list column only when at least this many characters are left for it.
+MIN_FAULTS_WIDTH = 30
+_CAPTION = ("F1 point-wise at the calibrated threshold (1 % target false alarms), no point adjustment; "
+            "IF = IsolationForest, PCA = PCA T-squared + Q, both on the same split with the same calibration")
+
+
+def _rich_tables(console: Console, rows: list[PumpResult], mean: dict[str, float], *, title: str) -> list[Any]:
+    """The table for ``console``'s width: with the fault lists on a wide console; without them (they follow as
+    lines) on a narrower one; split into our columns and the baselines' on one too narrow for both (a pipe or CI
+    log gets 80 characters). Numbers are never cut."""
+    from rich.text import Text
+
+    def natural_width(table: Any) -> int:  # measured unclamped: console.measure alone stops at the console width
+        return console.measure(table, options=console.options.update(width=10_000)).maximum
+
+    def fault_lines() -> list[Any]:
+        return [Text(f"{row.pump} faults: {', '.join(row.fault_kinds)}") for row in rows]
+
+    full = _rich_table(rows, mean, TABLE_COLUMNS, title=title, caption=_CAPTION)
+    if natural_width(full) + MIN_FAULTS_WIDTH <= console.width:
+        return [_rich_table(rows, mean, TABLE_COLUMNS, title=title, caption=_CAPTION, faults=True)]
+    if natural_width(full) <= console.width:
+        return [full, *fault_lines()]
+    theirs = [column for column in TABLE_COLUMNS if column[2].startswith(tuple(f"{n}_" for n in BASELINE_NAMES))]
+    ours = [column for column in TABLE_COLUMNS if column not in theirs]
+    return [
+        _rich_table(rows, mean, ours, title=title),
+        _rich_table(rows, mean, theirs, title="baselines on the same split", caption=_CAPTION),
+        *fault_lines(),
+    ]
+
+
 def _rich_table(
-    rows: list[PumpResult], mean: dict[str, float], *, base: str, method: str, steps: int, faults: bool = True
+    rows: list[PumpResult],
+    mean: dict[str, float],
+    columns: list[tuple[str, str, str, str]],
+    *,
+    title: str,
+    caption: str | None = None,
+    faults: bool = False,
 ) -> Any:
+    """``columns`` (some of :data:`TABLE_COLUMNS`) per pump and their mean, optionally with the fault lists."""
     from rich.table import Table
 
-    table = Table(
-        title=f"edgepeft demo: base {base!r}, {method}, {steps} steps",
-        caption="F1 point-wise at the calibrated threshold (1 % target false alarms), no point adjustment; "
-        "IF = IsolationForest on the same split",
-    )
+    table = Table(title=title, caption=caption)
     table.add_column("pump", no_wrap=True)
     if faults:
         table.add_column("faults", overflow="fold")
-    for title, _, _, _ in TABLE_COLUMNS:
+    for terminal_title, _, _, _ in columns:
         # Numbers never wrap or get cut; the fault list takes what width is left.
-        table.add_column(title, justify="right", no_wrap=True)
+        table.add_column(terminal_title, justify="right", no_wrap=True)
     for index, row in enumerate(rows):
-        cells = [fmt.format(getattr(row, attr)) for _, _, attr, fmt in TABLE_COLUMNS]
+        values = _row_dict(row)
+        cells = [fmt.format(values[attr]) for _, _, attr, fmt in columns]
         fault_cells = [", ".join(row.fault_kinds)] if faults else []
         table.add_row(row.pump, *fault_cells, *cells, end_section=index == len(rows) - 1)
-    means = [fmt.format(mean[attr]) for _, _, attr, fmt in TABLE_COLUMNS]
+    means = [fmt.format(mean[attr]) for _, _, attr, fmt in columns]
     table.add_row("mean", *([""] if faults else []), *means, style="bold")
+    return table
+
+
+def _rich_kind_table(per_kind: dict[str, dict[str, Any]]) -> Any:
+    """The by-fault table: per fault kind, the share of its rows each detector flagged."""
+    from rich.table import Table
+
+    table = Table(title="share of fault rows flagged, by fault kind")
+    table.add_column("fault kind", no_wrap=True)
+    table.add_column("faults", justify="right")
+    table.add_column("ours", justify="right")
+    for name in BASELINE_NAMES:
+        table.add_column(BASELINE_TITLES[name][1], justify="right")
+    for kind, values in per_kind.items():
+        recalls = [values["recall"], *[values[f"{name}_recall"] for name in BASELINE_NAMES]]
+        table.add_row(kind, str(values["count"]), *[f"{r:.2f}" for r in recalls])
     return table
 
 
@@ -466,43 +639,81 @@ img { max-width: 100%; }
 """
 
 
-def _html_report(rows: list[PumpResult], mean: dict[str, float], traces: list[_Trace], meta: dict[str, Any]) -> str:
+def _html_alerts(alerts: list[Alert]) -> str:
+    """One pump's alerts as an HTML table (the first :data:`MAX_HTML_ALERTS`, then how many more)."""
+    esc = html.escape
+    if not alerts:
+        return "<h3>Alerts</h3><p>No alerts.</p>"
+    body = "".join(
+        f"<tr><td>{a.start}-{a.end}</td><td>{a.rows}</td><td>{a.max_p_anomaly:.2f}</td>"
+        f"<td class='text'>{esc(a.explanation)}</td><td class='text'>{esc(', '.join(a.channels))}</td>"
+        f"<td class='text'>{esc(a.fault) if a.fault is not None else 'none (false alert)'}</td></tr>"
+        for a in alerts[:MAX_HTML_ALERTS]
+    )
+    more = len(alerts) - MAX_HTML_ALERTS
+    note = f"<p>... and {more} more alert{'s' if more > 1 else ''} (all in results.json).</p>" if more > 0 else ""
+    false_alerts = sum(a.fault is None for a in alerts)
+    return (
+        f"<h3>Alerts</h3><p>{len(alerts)} alert{'s' if len(alerts) != 1 else ''}: {len(alerts) - false_alerts} "
+        f"on a true fault, {false_alerts} false (on no fault).</p>"
+        "<table><tr><th>test rows</th><th>flagged rows</th><th>max p_anomaly</th><th>explanation</th>"
+        f"<th>sensors</th><th>true fault</th></tr>{body}</table>{note}"
+    )
+
+
+def _html_report(
+    rows: list[PumpResult],
+    mean: dict[str, float],
+    per_kind: dict[str, dict[str, Any]],
+    traces: list[_Trace],
+    meta: dict[str, Any],
+) -> str:
     esc = html.escape
     settings = meta["settings"]
     head = ["pump", "faults", *[title for _, title, _, _ in TABLE_COLUMNS]]
     body = []
     for row in rows:
-        cells = [fmt.format(getattr(row, attr)) for _, _, attr, fmt in TABLE_COLUMNS]
+        values = _row_dict(row)
+        cells = [fmt.format(values[attr]) for _, _, attr, fmt in TABLE_COLUMNS]
         body.append(f"<tr><td>{esc(row.pump)}</td><td class='text'>{esc(', '.join(row.fault_kinds))}</td>"
                     + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     mean_cells = "".join(f"<td>{fmt.format(mean[attr])}</td>" for _, _, attr, fmt in TABLE_COLUMNS)
     body.append(f"<tr class='mean'><td>mean</td><td></td>{mean_cells}</tr>")
     summary = ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" + "".join(body) + "</table>")
 
+    baseline_heads = "".join(f"<th>({esc(BASELINE_TITLES[name][1])})</th>" for name in BASELINE_NAMES)
     kind_rows = "".join(
-        f"<tr><td>{esc(kind)}</td><td>{v['count']}</td><td>{v['recall']:.2f}</td><td>{v['iforest_recall']:.2f}</td></tr>"
-        for kind, v in _per_kind(rows).items()
+        f"<tr><td>{esc(kind)}</td><td>{v['count']}</td><td>{v['recall']:.2f}</td>"
+        + "".join(f"<td>{v[f'{name}_recall']:.2f}</td>" for name in BASELINE_NAMES)
+        + f"<td class='text'>{esc(_explanation_text(v['explanations']))}</td></tr>"
+        for kind, v in per_kind.items()
     )
-    kinds = ("<table><tr><th>fault kind</th><th>faults</th><th>share of rows flagged (ours)</th>"
-             f"<th>(IsolationForest)</th></tr>{kind_rows}</table>")
+    kinds = (f"<table><tr><th>fault kind</th><th>faults</th><th>share of rows flagged (ours)</th>{baseline_heads}"
+             f"<th>explanations of our alerts on it (number of alerts)</th></tr>{kind_rows}</table>")
 
     sections = []
     for row, trace in zip(rows, traces, strict=True):
         png = base64.b64encode(_plot_png(trace)).decode("ascii")
         fault_rows = "".join(
             f"<tr><td>{esc(f.kind)}</td><td>{f.start}-{f.end}</td><td>{f.recall:.2f}</td>"
-            f"<td>{f.iforest_recall:.2f}</td></tr>"
+            + "".join(f"<td>{f.baseline_recall[name]:.2f}</td>" for name in BASELINE_NAMES)
+            + "</tr>"
             for f in row.faults
+        )
+        theirs = "; ".join(
+            f"{esc(BASELINE_TITLES[name][1])} F1 {row.baselines[name].f1:.3f}, AUC-PR {row.baselines[name].auc_pr:.3f}"
+            for name in BASELINE_NAMES
         )
         sections.append(
             f"<h2>{esc(row.pump)}</h2>"
             f"<p>F1 {row.f1:.3f} (false alarms {row.far_pct:.1f} %, missed {row.mar_pct:.1f} %), AUC-PR "
-            f"{row.auc_pr:.3f}, VUS-PR {row.vus_pr:.3f}; IsolationForest F1 {row.iforest_f1:.3f}, AUC-PR "
-            f"{row.iforest_auc_pr:.3f}. Adapter {row.adapter_kb:.1f} KB, {row.trainable_parameters} trainable "
-            f"parameters ({row.trainable_pct:.2f} % of the base), adapted in {row.adapt_seconds:.1f} s.</p>"
+            f"{row.auc_pr:.3f}, VUS-PR {row.vus_pr:.3f}; {theirs}. Adapter {row.adapter_kb:.1f} KB, "
+            f"{row.trainable_parameters} trainable parameters ({row.trainable_pct:.2f} % of the base), adapted in "
+            f"{row.adapt_seconds:.1f} s.</p>"
             f"<img alt='{esc(row.pump)}: signals, score and threshold' src='data:image/png;base64,{png}'>"
-            "<table><tr><th>fault</th><th>test rows</th><th>flagged (ours)</th><th>(IsolationForest)</th></tr>"
+            f"<table><tr><th>fault</th><th>test rows</th><th>flagged (ours)</th>{baseline_heads}</tr>"
             f"{fault_rows}</table>"
+            + _html_alerts(row.alerts)
         )
 
     machine = meta["machine"]
@@ -514,13 +725,20 @@ def _html_report(rows: list[PumpResult], mean: dict[str, float], traces: list[_T
 {settings["steps"]} adaptation steps, {settings["n_pumps"]} simulated pumps (seed {settings["seed"]}).
 Each pump's adapter is trained on its normal data only; the threshold is calibrated on held-out normal rows
 for a 1&nbsp;% false-alarm rate. F1 is point-wise at that threshold, with no point adjustment; AUC-PR ranks
-every row. IsolationForest runs on the same split with the same calibration.</p>
+every row. Two classical baselines, IsolationForest and PCA (T-squared + Q), run on the same split with the
+same calibration.</p>
 <h2>Summary</h2>
 {summary}
 <h3>By fault kind</h3>
+<p>The share of each kind's fault rows that each detector flags, and how our alerts on that kind were
+explained: the most frequent strongest sensor of each alert with its kind of evidence (dynamics: the
+forecast or virtual sensor missed; level; scale: variance up; stuck: variance collapsed; relation: the
+sensors left their normal relations).</p>
 {kinds}
 <p>In the plots: for each fault the sensor that changes most at it, our score (black), the threshold
-(dashed), the rows we flag (orange) and the true faults (red).</p>
+(dashed), the rows we flag (orange) and the true faults (red). Under each plot, our alerts (flagged rows
+separated by at most {ALERT_GAP_ROWS} unflagged rows), each with its explanation, the sensors its rows name
+most often, and the true fault it overlaps.</p>
 {"".join(sections)}
 <p class="meta">{esc(meta["date"])} &middot; {esc(meta["command"])} &middot; {esc(machine["platform"])},
 {machine["cpu_count"]} CPUs, torch {esc(machine["torch"])} ({machine["torch_threads"]} threads)</p>

@@ -362,7 +362,7 @@ def _plot_speed(results: dict[str, Any], plt: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- BENCHMARKS.md
 
 
-SELF_RENDERED = ("stream", "drift", "deploy")
+SELF_RENDERED = ("stream", "drift", "deploy", "channels")
 
 
 def render_benchmarks(results_dirs: Sequence[str | os.PathLike[str]], *, relative_to: str | Path | None = None) -> str:

@@ -314,13 +314,15 @@ class AnomalyDetector(CalibratedOutputs):
             raise ConfigError("this AnomalyDetector is not fitted yet; call fit(X_normal) or AnomalyDetector.load(dir)")
 
     @torch.no_grad()
-    def _row_errors(self, scaled: np.ndarray, channel_budget: int = 512) -> np.ndarray:
+    def _row_errors(self, scaled: np.ndarray, channel_budget: int = 512, one_pass: bool | None = None) -> np.ndarray:
         """(T, C, 2) squared errors in asset-standardised units: [..., 0] forecast, [..., 1] blind.
 
         One pass per batch of windows: the temporal features once, then the forecast and every channel's blind
         prediction (:meth:`PatchEncoder.blind_mix`, linear in the channel count). An opaque model (the ONNX
         engine's session) has no such method and gets C copies with one channel hidden each.
         ``channel_budget`` bounds the channel-sequences per pass (inference memory, whatever the channel count).
+        ``one_pass=False`` makes the blind predictions with C copies of the cross-channel half (the path this one
+        replaced: the benchmark's and the tests' reference; same numbers).
         """
         encoder = self.method_.encoder(self.model_)
         windows, hidden = scoring_windows(scaled, encoder.window_len, encoder.patch_len)
@@ -329,10 +331,10 @@ class AnomalyDetector(CalibratedOutputs):
         blind = n_channels > 1 and self.blind_weight > 0
         out = np.zeros((n_windows, patch_len, n_channels, 2), dtype=np.float32)
         self.model_.eval()
-        one_pass = hasattr(encoder, "blind_mix")
-        per_window = n_channels * (2 if one_pass else n_channels + 1)
+        shared = hasattr(encoder, "blind_mix")  # temporal features computed once, blind predictions from them
+        per_window = n_channels * (2 if shared else n_channels + 1)
         batch_windows = max(1, channel_budget // per_window)
-        if one_pass and blind:
+        if shared and blind:
             # A served model may keep these constant features (the device runtime's do): they never change.
             cached = getattr(self.model_, "hidden_channel_features", None)
             blank = cached() if callable(cached) else encoder.hidden_channel_features()
@@ -341,11 +343,12 @@ class AnomalyDetector(CalibratedOutputs):
             chunk = torch.from_numpy(windows[start : start + batch_windows])  # (b, L, C)
             mask = torch.from_numpy(hidden[start : start + batch_windows])  # (b, C, N)
             stop = start + len(chunk)
-            if one_pass:
+            if shared:
                 feats, mean, std = encoder.temporal_features(chunk, mask)
                 out[start:stop, :, :, 0] = encoder.mix(feats, mean, std)[:, -patch_len:, :].numpy()
                 if blind:
-                    out[start:stop, :, :, 1] = encoder.blind_mix(feats, blank)[:, -patch_len:, :].numpy()
+                    blind_pred = encoder.blind_mix(feats, blank, copies=one_pass is False)
+                    out[start:stop, :, :, 1] = blind_pred[:, -patch_len:, :].numpy()
                 continue
             out[start:stop, :, :, 0] = self.model_(chunk, mask)[:, -patch_len:, :].numpy()
             if blind:

@@ -9,9 +9,10 @@ row's recent state with the asset's normal set, per channel, so every alert stil
 - ``level``: the trailing mean over ``state_window`` rows, as a z-score against its normal distribution;
 - ``scale``: the trailing log standard deviation, two-sided: a burst of noise, or a variance collapse (a stuck
   sensor, reported as ``stuck``);
-- ``relation``: a per-asset linear relation residual (PCA's Q, per channel) of lightly smoothed rows: a sensor
-  that left the subspace the healthy sensors share (the classical T^2 + Q detectors' half that SKAB's leaders
-  and our fleet's PCA baseline get right).
+- ``relation``: a per-asset linear relation residual of lightly smoothed rows: each channel against its best
+  linear prediction from the other channels (a linear virtual sensor; the relation half that SKAB's leaders,
+  MSET and T^2 + Q, and our fleet's PCA baseline get right). Unlike PCA's Q, whose residual smears a broken
+  sensor over its neighbours, the leave-one-out residual points at the sensor that broke away.
 
 Fusion (:class:`Fusion`): each kind's per-channel evidence is divided by its mean on out-of-sample normal rows,
 ``log1p``-ed, and its channel maximum is put on one scale by that kind's own normal distribution (median 0,
@@ -49,7 +50,7 @@ EVIDENCE_KINDS: tuple[str, ...] = (DYNAMICS, *STATE_KINDS)
 # its ordinary noise into "stuck" alarms.
 SCALE_FLOOR = 0.05
 RELATION_SMOOTHING = 4  # rows: the relation residual of a single noisy row is noise
-RELATION_VARIANCE = 0.9  # share of the normal variance the relation subspace keeps
+RELATION_RIDGE = 1e-2  # added to the normal covariance (asset-standardised units) before it is inverted
 ENVELOPE = (0.005, 0.995)  # quantiles of a normal feature's range: inside it, level and scale evidence is 0
 # The smallest typical evidence a kind is divided by: an evidence that is 0 on almost every normal row (inside the
 # envelope) must not turn a hair outside it into a large score.
@@ -106,18 +107,19 @@ class StateModel:
         self.level_std_, self.scale_std_ = level.std(0) + 1e-3, scale.std(0) + 1e-3
         self.scale_mean_ = scale.mean(0)
         self.relation_mean_ = smooth.mean(0)
-        _, singular, vt = np.linalg.svd(smooth - self.relation_mean_, full_matrices=False)
-        energy = singular**2
-        share = np.cumsum(energy) / max(float(energy.sum()), 1e-12)
-        n_components = min(int(np.searchsorted(share, RELATION_VARIANCE)) + 1, max(smooth.shape[1] - 1, 1))
-        self.relation_basis_ = vt[:n_components].T  # (C, k)
+        # x_c - E[x_c | the others] = (P z)_c / P_cc for a Gaussian with precision P: every channel's
+        # leave-one-out regression from one C x C inverse. The ridge keeps collinear sensors well posed.
+        covariance = np.atleast_2d(np.cov(smooth, rowvar=False))
+        n_channels = covariance.shape[0]
+        self.relation_precision_ = np.linalg.inv(covariance + RELATION_RIDGE * np.eye(n_channels))
         return self
 
     def evidence(self, values: np.ndarray) -> dict[str, np.ndarray]:
         """(rows, channels) squared standardised deviations per kind; causal (row t uses rows <= t)."""
         level, scale, smooth = self._features(values)
         centred = smooth - self.relation_mean_
-        residual = centred - centred @ self.relation_basis_ @ self.relation_basis_.T
+        precision = self.relation_precision_
+        residual = (centred @ precision) / np.diag(precision) if precision.shape[0] > 1 else np.zeros_like(centred)
         return {
             "level": (_outside(level, self.level_low_, self.level_high_) / self.level_std_) ** 2,
             "scale": (_outside(scale, self.scale_low_, self.scale_high_) / self.scale_std_) ** 2,
@@ -139,7 +141,7 @@ class StateModel:
             "scale_mean": self.scale_mean_.tolist(),
             "scale_std": self.scale_std_.tolist(),
             "relation_mean": self.relation_mean_.tolist(),
-            "relation_basis": self.relation_basis_.tolist(),
+            "relation_precision": self.relation_precision_.tolist(),
         }
 
     @classmethod
@@ -156,10 +158,12 @@ class StateModel:
             setattr(obj, f"{name}_", arr)
         if (obj.level_std_ <= 0).any() or (obj.scale_std_ <= 0).any():
             raise ValueError("state standard deviations must be positive")
-        basis = np.asarray(d["relation_basis"], dtype=np.float64)
-        if basis.ndim != 2 or basis.shape[0] != n_channels or not np.isfinite(basis).all():
-            raise ValueError(f"state relation_basis must be a finite ({n_channels}, k) matrix")
-        obj.relation_basis_ = basis
+        precision = np.asarray(d["relation_precision"], dtype=np.float64)
+        if precision.shape != (n_channels, n_channels) or not np.isfinite(precision).all() or (
+                np.diag(precision) <= 0).any():
+            raise ValueError(f"state relation_precision must be a finite ({n_channels}, {n_channels}) matrix with a "
+                             "positive diagonal")
+        obj.relation_precision_ = precision
         return obj
 
 

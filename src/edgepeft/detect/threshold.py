@@ -471,21 +471,25 @@ class CalibratedOutputs:
 
 
 def p_anomaly(calibrator: ScoreCalibrator, scores: Any, threshold: float) -> np.ndarray:
-    """The alarm odds of each score: ``1 / (1 + S(score) / S(threshold))``, S the calibrated survival of normal
-    scores (the chance that a normal row scores higher).
+    """The alarm odds of each score, from S, the calibrated survival of normal scores (the chance that a normal row
+    scores higher), and r = S(score) / S(threshold):
 
-    What it means to a user: 0.5 exactly at the threshold, so ``p >= 0.5`` where a row is flagged (``score >
-    threshold``); near 0 on ordinary normal rows (about ``target_far`` at a median one); and on normal rows
-    ``P(p > v) = S_threshold (1 - v) / v``, e.g. the calibrated false-alarm rate at v = 0.5 and a ninth of it
-    at v = 0.9. Monotone in the score, computed in logs, so a burst pipe still ranks above a mild excursion
-    instead of both sitting at 1.0.
+    - under the threshold (r >= 1): ``p = 1 / (1 + r)``, so about ``target_far`` at an ordinary (median) normal row
+      and 0.5 at the threshold;
+    - over it (r < 1): ``p = 1 - 0.5 / (1 + ln(1 / r))``, which keeps rising with the score without reaching 1.0
+      in floating point (a burst pipe still ranks above a mild excursion: no plateau).
+
+    So ``p >= 0.5`` exactly where a row is flagged (``score > threshold``), and on normal rows the share with
+    ``p > v`` is the calibrated tail probability ``S_t = S(threshold)`` (about ``target_far``) times
+    ``(1 - v) / v`` for v <= 0.5 and times ``exp(1 - 0.5 / (1 - v))`` above: ``S_t`` at 0.5, ``0.02 S_t`` at 0.9.
 
     >>> cal = ScoreCalibrator().fit(np.random.default_rng(0).normal(size=5000))
-    >>> p = p_anomaly(cal, [0.0, 2.33, 5.0, 8.0], threshold=2.33)
-    >>> [round(float(v), 3) for v in p[:2]], bool(p[2] < p[3] < 1.0)
+    >>> p = p_anomaly(cal, [0.0, 2.33, 5.0, 50.0, 500.0], threshold=2.33)
+    >>> [round(float(v), 3) for v in p[:2]], bool(p[2] < p[3] < p[4] < 1.0)
     ([0.025, 0.5], True)
     """
-    log_s = calibrator.log_survival(scores)
-    log_s_threshold = float(calibrator.log_survival([threshold])[0])
+    log_ratio = calibrator.log_survival(scores) - float(calibrator.log_survival([threshold])[0])  # ln r
     with np.errstate(over="ignore"):
-        return 1.0 / (1.0 + np.exp(log_s - log_s_threshold))
+        under = 1.0 / (1.0 + np.exp(np.maximum(log_ratio, 0.0)))
+    over = 1.0 - 0.5 / (1.0 - np.minimum(log_ratio, 0.0))
+    return np.where(log_ratio >= 0.0, under, over)

@@ -298,7 +298,8 @@ class PatchEncoder(nn.Module):
         return seq
 
     def blind_mix(
-        self, seq: torch.Tensor, blank: torch.Tensor | None = None, channel_tags: torch.Tensor | None = None
+        self, seq: torch.Tensor, blank: torch.Tensor | None = None, channel_tags: torch.Tensor | None = None,
+        copies: bool = False,
     ) -> torch.Tensor:
         """Every channel's prediction with that channel hidden entirely (a virtual sensor from the others), in
         one pass: (B, L, C) in asset-standardised units, from the temporal features ``seq`` (B, C, N+1, D).
@@ -308,11 +309,12 @@ class PatchEncoder(nn.Module):
         With one cross-channel block, channel c's output then depends on its own blank query and on the other
         channels' real tokens, so a query set of C blank tokens attending to {the others' real tokens, its own
         blank} gives exactly what C copies of the model with one channel hidden each would: cost linear in C
-        instead of quadratic. Deeper channel stacks fall back to the C copies (same numbers, more work).
+        instead of quadratic. Deeper channel stacks fall back to the C copies (same numbers, more work);
+        ``copies=True`` forces them (the reference the tests and the channel benchmark compare with).
         """
         batch, n_channels, n_tokens, width = seq.shape
         blank = self.hidden_channel_features() if blank is None else blank  # (N+1, D)
-        if len(self.channel_blocks) != 1:
+        if copies or len(self.channel_blocks) != 1:
             rows = torch.arange(batch * n_channels)
             reps = seq.repeat_interleave(n_channels, dim=0).clone()  # copy c hides channel c
             reps[rows, rows % n_channels] = blank

@@ -174,10 +174,14 @@ def _drifting_asset(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_a_slow_channel_drifting_past_its_training_range_raises_fewer_false_alarms() -> None:
-    """The slow-channel rule is what keeps a drifting temperature from alarming through its blind error."""
+    """The slow-channel rule is what keeps a drifting temperature from alarming through its blind error.
+
+    Measured on the dynamics alone: with the state evidence on, a temperature six spreads past anything the asset
+    showed in training is a new state, flagged on purpose (and explained as ``level``)."""
     train, test = _drifting_asset()
-    with_rule = AnomalyDetector(base="tiny", method="lora", rank=4, steps=60, seed=0).fit(train)
-    without = AnomalyDetector(base="tiny", method="lora", rank=4, steps=60, seed=0, slow_channel_share=None).fit(train)
+    kw = {"base": "tiny", "method": "lora", "rank": 4, "steps": 60, "seed": 0, "evidence": "dynamics"}
+    with_rule = AnomalyDetector(**kw).fit(train)
+    without = AnomalyDetector(**kw, slow_channel_share=None).fit(train)
     assert with_rule.evidence_weights_[3, 1] == 0.0, "the wandering channel is found slow"
     assert (with_rule.evidence_weights_[:3, 1] > 0).all(), "the sines (cycles shorter than the window) are not"
     far_with, far_without = with_rule.predict(test).mean(), without.predict(test).mean()
@@ -319,3 +323,86 @@ def test_settings_given_as_numpy_scalars_save_as_plain_numbers(tmp_path) -> None
     loaded = AnomalyDetector.load(det.save(tmp_path / "np"))
     assert (loaded.steps, loaded.raise_after) == (3, 2)
     assert type(loaded.raise_after) is int
+
+
+# ---------------------------------------------------------------------------------------------- Detector v2
+
+
+def test_one_pass_blind_predictions_equal_the_c_copies(fitted: AnomalyDetector) -> None:
+    _, test, _ = _with_fault()
+    scaled = fitted._prepare(test)
+    np.testing.assert_allclose(fitted._row_errors(scaled), fitted._row_errors(scaled, one_pass=False),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_v2_state_survives_save_and_load_and_schema_is_2(fitted: AnomalyDetector, tmp_path) -> None:
+    import json
+
+    path = fitted.save(tmp_path / "v2")
+    state = json.loads((path / "detector.json").read_text())
+    assert state["schema_version"] == 2 and state["fusion"] and state["state"]
+    loaded = AnomalyDetector.load(path)
+    _, test, _ = _with_fault()
+    np.testing.assert_array_equal(loaded.score(test), fitted.score(test))
+    state["fusion"]["dynamics"]["spread"] = -1.0  # damaged: refused when read, never scores NaN
+    (path / "detector.json").write_text(json.dumps(state))
+    with pytest.raises(ArtifactError, match="malformed"):
+        AnomalyDetector.load(path)
+
+
+def test_p_anomaly_reads_as_promised(fitted: AnomalyDetector) -> None:
+    train, test, _ = _with_fault()
+    out = fitted.score_all(test)
+    p, flagged = out["p_anomaly"], out["anomaly"].astype(bool)
+    assert (p[flagged] >= 0.5).all() and (p[fitted.warmup_rows_:][~flagged[fitted.warmup_rows_:]] <= 0.5).all()
+    live = slice(fitted.warmup_rows_, None)  # held warm-up rows are capped under 0.5 on purpose
+    order = np.argsort(out["score"][live])
+    assert (np.diff(p[live][order]) >= -1e-12).all()  # monotone in the score
+    assert (p < 1.0).all()  # no plateau at 1: a mild excursion and a burst still rank apart
+    normal = fitted.score_all(sine_series(3000, 3, seed=5))["p_anomaly"][fitted.warmup_rows_:]
+    assert np.median(normal) < 0.1  # near 0 on normal rows
+    assert (normal > 0.5).mean() < 5 * fitted.target_far
+
+
+def test_rows_without_history_never_alarm_and_the_cli_says_so(fitted: AnomalyDetector) -> None:
+    _, test, _ = _with_fault()
+    out = fitted.score_all(test[:200] * 3.0)  # wild rows from the very first row
+    assert not out["anomaly"][: fitted.warmup_rows_].any()
+    assert (out["p_anomaly"][: fitted.warmup_rows_] < 0.5).all()
+    assert out["anomaly"][fitted.warmup_rows_:].any()
+
+
+def test_explanations_name_channels_and_evidence_kinds(fitted: AnomalyDetector) -> None:
+    _, test, labels = _with_fault()
+    out = fitted.score_all(test, explain=True)
+    np.testing.assert_array_equal(out["score"], fitted.score(test))
+    np.testing.assert_array_equal(out["anomaly"], fitted.predict(test))
+    flagged = np.flatnonzero(out["anomaly"])
+    assert len(flagged) and all(out["top_channels"][i] for i in flagged)
+    assert all(out["top_channels"][i] == "" for i in np.flatnonzero(out["anomaly"] == 0))
+    kinds = {"dynamics", "level", "scale", "stuck", "relation"}
+    first = [out["top_channels"][i].split(";")[0] for i in flagged if labels[i]]
+    for label in first:
+        channel, kind = label.split(":")
+        assert channel in fitted.channels_ and kind in kinds
+    # The fault is in channel 1: it leads the explanations of the rows inside the fault more often than any other.
+    leaders = [label.split(":")[0] for label in first]
+    assert max(set(leaders), key=leaders.count) == fitted.channels_[1]
+    assert fitted.explain(test[:100], top=2)[99].count(";") == 1
+
+
+def test_evidence_setting_is_validated_and_a_fixed_set_is_used() -> None:
+    train, test, _ = _with_fault()
+    with pytest.raises(ConfigError, match="evidence"):
+        AnomalyDetector(base="tiny", steps=5, evidence="dynamics,telepathy").fit(train)
+    det = AnomalyDetector(base="tiny", steps=5, evidence="relation,dynamics").fit(train)
+    assert det.fusion_.kinds_ == ["relation", "dynamics"]
+    assert np.isfinite(det.score(test)).all()
+
+
+def test_get_params_follows_the_constructor_signature() -> None:
+    import inspect
+
+    det = AnomalyDetector(base="tiny", state_window=24)
+    names = [n for n in inspect.signature(AnomalyDetector.__init__).parameters if n != "self"]
+    assert list(det.get_params()) == names and det.get_params()["state_window"] == 24

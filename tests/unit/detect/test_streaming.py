@@ -249,3 +249,72 @@ def test_training_only_the_last_block_needs_far_less_than_full_fine_tuning() -> 
         det.process_many(series)
         peaks[name] = det.memory_report()["training_peak_bytes"]
     assert peaks["adapter"] < 0.5 * peaks["full"]
+
+
+# ---------------------------------------------------------------------------------------------- one scoring core
+
+
+def _fitted_batch(train: np.ndarray, **changes: object):
+    from edgepeft.detect.detector import AnomalyDetector
+
+    return AnomalyDetector(base="tiny", method="lora", rank=4, steps=20, seed=0, **changes).fit(train)
+
+
+def test_a_stream_without_updates_scores_exactly_as_the_batch_detector() -> None:
+    series = sine_series(1500, 3, seed=2)
+    series[1100:1180, 1] += 2.0  # a fault, so alarms and explanations are compared too
+    det = _fitted_batch(series[:800], raise_after=3, clear_after=2)
+    batch = det.score_all(series)
+    stream = StreamingDetector.from_detector(det)
+    out = stream.process_many(series)
+    np.testing.assert_allclose(out["score"], batch["score"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out["p_anomaly"], batch["p_anomaly"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(out["anomaly"], batch["anomaly"])
+    assert batch["anomaly"][1100:1180].any() and not out["anomaly"][: det.warmup_rows_].any()
+    # Row by row, chunked, and through a checkpoint: the same core, the same numbers.
+    again = StreamingDetector.from_detector(det)
+    first = again.process_many(series[:700])["score"]
+    restored = StreamingDetector.from_state(again.state_dict())
+    rest = np.array([restored.process_one(row).score for row in series[700:]])
+    np.testing.assert_allclose(np.r_[first, rest], batch["score"], rtol=0, atol=1e-6)
+
+
+def test_skab_file_batch_and_stream_agree() -> None:
+    from pathlib import Path
+
+    from edgepeft.data.csvio import read_sensor_csv
+
+    path = Path(__file__).resolve().parents[3] / ".." / "shared" / "datasets" / "skab" / "other" / "9.csv"
+    if not path.exists():
+        pytest.skip(f"{path} not found (../shared/datasets beside the repository)")
+    values = read_sensor_csv(path, drop=["anomaly", "changepoint"]).values
+    det = _fitted_batch(values[:400])
+    out = StreamingDetector.from_detector(det).process_many(values)
+    np.testing.assert_allclose(out["score"], det.score(values), rtol=0, atol=1e-6)
+
+
+def test_stream_alarm_persistence_matches_the_batch_rule() -> None:
+    from edgepeft.detect.threshold import persist_alarms
+
+    rng = np.random.default_rng(0)
+    for raise_after, clear_after in ((1, 1), (2, 2), (4, 3), (1, 5)):
+        flags = rng.random(400) < 0.3
+        flags[100:160] = True
+        det = StreamingDetector(raise_after=raise_after, clear_after=clear_after)
+        det.alarm_on_, det.run_ = False, 0
+        states = []
+        for flag in flags:
+            det.alarm_on_, det.run_ = det._persist(bool(flag))
+            states.append(det.alarm_on_)
+        np.testing.assert_array_equal(states, persist_alarms(flags, raise_after, clear_after))
+
+
+def test_live_stream_scores_with_the_batch_calibration() -> None:
+    """After probation the stream's threshold, fusion and state model come from AnomalyDetector.calibrate."""
+    values = sine_series(900, 2, seed=3)
+    det = StreamingDetector(base="tiny", method="lora", rank=4, warmup=400, warmup_steps=5, update_every=None)
+    det.process_many(values[:500])
+    assert det.core_ is not None and det.core_.fusion_ is not None and det.core_.state_ is not None
+    assert det.threshold_ == det.core_.threshold_
+    out = det.process_many(values[500:])
+    assert (out["p_anomaly"] < 1.0).all() and out["anomaly"].mean() < 0.1
