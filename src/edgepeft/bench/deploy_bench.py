@@ -42,7 +42,7 @@ def bundle_sizes(base: str = "small", seed: int = 0) -> dict[str, Any]:
 
 def run_deploy_bench(out: Path, *, quick: bool = False, base: str = "small") -> dict[str, Any]:
     """Run every deployment benchmark and write results.json + results.md into ``out``."""
-    from edgepeft.runtime.bench import run_all
+    from edgepeft.bench.runtime_bench import run_all
 
     results: dict[str, Any] = {"suite": "deploy", **run_info(), "bundle": bundle_sizes(base)}
     results.update(run_all(quick=quick))

@@ -1,1 +1,1 @@
-"""Types, errors, config serialisation and seeding. Imports nothing else of edgepeft."""
+"""Errors and JSON artifact helpers. Imports nothing else of edgepeft."""

@@ -1,35 +1,16 @@
-"""Dataclass <-> JSON with a schema version, so saved artifacts say which format they are."""
+"""JSON artifacts with a schema version (so saved files say which format they are), atomic writes, fsync."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from edgepeft.core.errors import ArtifactError, ConfigError
-
-T = TypeVar("T")
+from edgepeft.core.errors import ArtifactError
 
 SCHEMA_VERSION = 1
-
-
-def to_dict(obj: Any) -> dict[str, Any]:
-    """A dataclass as a plain dict (nested dataclasses included)."""
-    if not dataclasses.is_dataclass(obj):
-        raise TypeError(f"{obj!r} is not a dataclass")
-    return dataclasses.asdict(obj)  # type: ignore[arg-type]
-
-
-def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build ``cls`` from a dict, refusing unknown keys (a newer format) with a clear error."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; was this written by a newer edgepeft?")
-    return cls(**data)
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

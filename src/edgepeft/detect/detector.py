@@ -270,15 +270,30 @@ class AnomalyDetector(CalibratedOutputs):
         self.warmup_rows_ = window_len
         self.state_ = StateModel(self.state_window).fit(scaled)
         self.fusion_ = self._fit_fusion(scaled, errors, n_fit)
+        self._calibrate_threshold(scaled, errors, n_fit)
+        return errors
+
+    def recalibrate(self, scaled: np.ndarray, n_fit: int) -> None:
+        """After the adapter moved (the streaming loop's online updates): the kinds' scales and the threshold
+        again, on the same normal rows, with the current model. The state model and the fusion's weights stay."""
+        errors = self._row_errors(scaled)
+        skip = min(self.method_.encoder(self.model_).window_len, n_fit // 2)
+        reference = self._reference_evidence(scaled, errors)
+        fit_rows = {k: (v[n_fit:] if k == DYNAMICS else v[skip:]) for k, v in reference.items()}
+        self.fusion_.fit(fit_rows, dict(self.fusion_.weights_))
+        self._calibrate_threshold(scaled, errors, n_fit, reference)
+
+    def _calibrate_threshold(self, scaled: np.ndarray, errors: np.ndarray, n_fit: int,
+                             reference: dict[str, np.ndarray] | None = None) -> None:
         # Calibration rows: every training row with a full window of history. The state kinds are out-of-sample
         # there (cross-fitted); the dynamics are out-of-sample on the held-out rows and in-sample (smaller, so
         # never the maximum of a normal row for the wrong reason) before them.
-        reference = self._reference_evidence(scaled, errors)
+        window_len = self.method_.encoder(self.model_).window_len
+        reference = self._reference_evidence(scaled, errors) if reference is None else reference
         calib_scores = trailing_mean(self.fusion_.raw_score(reference), self.smoothing)[min(window_len, n_fit // 2):]
         self.threshold_model_ = make_threshold(self.threshold, self.target_far).fit(calib_scores)
         self.threshold_ = float(self.threshold_model_.threshold_)
         self.calibrator_ = ScoreCalibrator().fit(calib_scores)
-        return errors
 
     def _reference_evidence(self, scaled: np.ndarray, errors: np.ndarray,
                             injected: np.ndarray | None = None) -> dict[str, np.ndarray]:

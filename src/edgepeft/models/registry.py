@@ -168,23 +168,9 @@ def save_base(model: PatchEncoder, name: str, card: dict[str, Any], directory: P
     return path
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """Short alias used in artifacts: the weights' content hash."""
-    return state_sha256(model)
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Mark every parameter frozen."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return model
-
-
 __all__ = [
     "BUILTIN_CONFIGS",
     "base_config",
-    "base_fingerprint",
-    "freeze",
     "list_bases",
     "load_base",
     "load_card",

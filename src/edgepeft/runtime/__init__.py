@@ -6,7 +6,7 @@
 - :mod:`~edgepeft.runtime.service`: :class:`~edgepeft.runtime.service.DeviceRuntime`, install/activate/rollback/score;
 - :mod:`~edgepeft.runtime.server`: the FastAPI shell; :mod:`~edgepeft.runtime.commands`: ``edgepeft serve``;
 - :mod:`~edgepeft.runtime.onnx`: ONNX Runtime engine (LoRA as graph inputs), merged export, int8;
-- :mod:`~edgepeft.runtime.loadtest` and :mod:`~edgepeft.runtime.bench`: the hot-swap load test and benchmarks.
 
-Importing this package imports nothing heavy; torch, peft and ONNX Runtime load with the modules that need them.
+Its load test and benchmarks live in ``edgepeft.bench`` (a device install leaves them out). Importing this
+package imports nothing heavy; torch, peft and ONNX Runtime load with the modules that need them.
 """

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from edgepeft.delta import BundleFiles
 
 # What a resident torch model costs beyond its own tensors: the Python objects of its module tree (every nn.Module
-# carries a dozen dicts) and peft's wrappers. `edgepeft.runtime.bench.adapter_memory` measured 355 KB of RSS per
+# carries a dozen dicts) and peft's wrappers. `edgepeft.bench.runtime_bench.adapter_memory` measured 355 KB of RSS per
 # LoRA adapter on the tiny base (410 KB once it has scored), of which 21 KB are tensors. The cache budget counts
 # this, so that "256 MB" means roughly 256 MB of RSS rather than 256 MB of tensors.
 MODEL_OVERHEAD_BYTES = 384 * 1024

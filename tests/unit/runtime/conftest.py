@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from edgepeft.bench.loadtest import series
 from edgepeft.detect.detector import AnomalyDetector
 from edgepeft.peft import list_methods
-from edgepeft.runtime.loadtest import series
 
 ASSET = "pump-1"
 

@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from edgepeft.bench.loadtest import payloads
 from edgepeft.detect.detector import AnomalyDetector
-from edgepeft.runtime.loadtest import payloads
 from edgepeft.runtime.onnx import OnnxEngine, export_merged, quantize_int8
 from edgepeft.runtime.resident import ResidentBase, load_torch_version
 
@@ -97,7 +97,7 @@ def test_serve_with_onnx_engine(tmp_path: Path, resident: ResidentBase, versions
     """``serve --engine onnx`` answers from the shared graph, tags answers with engine and version, swaps."""
     import httpx
 
-    from edgepeft.runtime.loadtest import ServerProcess
+    from edgepeft.bench.loadtest import ServerProcess
     from edgepeft.runtime.service import DeviceRuntime, RuntimeConfig
 
     state = tmp_path / "state"

@@ -143,7 +143,7 @@ def test_token_from_file_env_or_generated(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_install_benchmark_reports_both_install_patterns() -> None:
     """The deploy benchmark's install timing runs end to end; spaced installs take the pooled skeletons."""
-    from edgepeft.runtime.bench import install_activate_times
+    from edgepeft.bench.runtime_bench import install_activate_times
 
     numbers = install_activate_times(n_bundles=4, n_swaps=4, gap_s=0.2, n_burst=2)
     assert numbers["bundles"] == 4 and numbers["burst_bundles"] == 2
@@ -178,8 +178,8 @@ def test_smoke_forecast_equals_the_full_forward_pass_for_every_method(every_meth
 
 def test_smoke_forecast_runs_an_adapted_temporal_half(tmp_path: Path) -> None:
     """An adapter in the temporal blocks is seen as such, so its smoke test runs them (the shortcut would not)."""
+    from edgepeft.bench.loadtest import series
     from edgepeft.detect.detector import AnomalyDetector
-    from edgepeft.runtime.loadtest import series
     from edgepeft.runtime.resident import ResidentBase, load_torch_version, smoke_forecast
 
     det = AnomalyDetector(base="tiny", method="lora", rank=4, steps=2, peft_options={"adapt_last": None})

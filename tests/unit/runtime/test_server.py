@@ -9,9 +9,9 @@ import httpx
 import numpy as np
 import pytest
 
+from edgepeft.bench.loadtest import ServerProcess, drive_load, payloads
 from edgepeft.detect.detector import AnomalyDetector
 from edgepeft.runtime.journal import Journal
-from edgepeft.runtime.loadtest import ServerProcess, drive_load, payloads
 from tests.unit.runtime.conftest import ASSET, bundle
 
 ROWS = payloads(2, 64)[1]
@@ -133,7 +133,7 @@ def test_swaps_under_load_never_fail_or_mix_versions(
     server: ServerProcess, versions: list[Path], keys: dict[str, object]
 ) -> None:
     """Shortened for CI: a real client at a fixed rate while versions are swapped every ~170 ms. The full run
-    (>= 200 requests/s, >= 60 s, >= 500 swaps) is ``edgepeft.runtime.bench.load_test``."""
+    (>= 200 requests/s, >= 60 s, >= 500 swaps) is ``edgepeft.bench.runtime_bench.load_test``."""
     for release, directory in enumerate(versions, start=1):
         data = bundle(directory, keys["trusted"], str(release), release, asset_id="pump-load")
         assert _install(server, data).status_code == 200

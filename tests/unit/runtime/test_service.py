@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
+from edgepeft.bench.loadtest import payloads
 from edgepeft.core.errors import ArtifactError, ConfigError, ModelError, OutputError
 from edgepeft.delta import BundleError
 from edgepeft.detect.detector import AnomalyDetector
 from edgepeft.models.registry import state_sha256
 from edgepeft.peft import get_method
-from edgepeft.runtime.loadtest import payloads
 from edgepeft.runtime.resident import ResidentBase, SkeletonPool, load_torch_version
 from edgepeft.runtime.service import DeviceRuntime, RuntimeConfig
 from edgepeft.runtime.state import ConflictError, StateStore, UnknownAssetError, VersionRecord

@@ -2,7 +2,7 @@
 
 - :func:`install_activate_times`: verify + store + load + commit a signed bundle (installs spaced as on a device,
   and back to back), and activation alone (cached and cold from disk), p50/p99;
-- :func:`load_test`: hot swap under load over HTTP (:func:`edgepeft.runtime.loadtest.run_load_test`), with
+- :func:`load_test`: hot swap under load over HTTP (:func:`edgepeft.bench.loadtest.run_load_test`), with
   request and swap latency;
 - :func:`scoring_throughput`: rows/s and request latency, torch vs ONNX Runtime (fp32 and int8), and the score
   change int8 causes;
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from edgepeft.runtime.loadtest import payloads, run_load_test, train_versions
+from edgepeft.bench.loadtest import payloads, run_load_test, train_versions
 
 __all__ = ["adapter_memory", "install_activate_times", "load_test", "run_all", "run_load_test",
            "scoring_throughput"]
@@ -140,7 +140,7 @@ def _durable_write_times(folder: Path, nbytes: int, n: int) -> list[float]:
 
 
 def load_test(duration_s: float = 60.0, rate: float = 200.0, swaps: int = 500, engine: str = "torch") -> dict[str, Any]:
-    """Hot swap under load: see :func:`edgepeft.runtime.loadtest.run_load_test` (the swap latency is in it)."""
+    """Hot swap under load: see :func:`edgepeft.bench.loadtest.run_load_test` (the swap latency is in it)."""
     return run_load_test(duration_s=duration_s, rate=rate, swaps=swaps, engine=engine)
 
 
