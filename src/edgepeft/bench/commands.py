@@ -182,8 +182,11 @@ def channels(
     rows: Annotated[int, typer.Option(min=100, help="Rows scored per channel count.")] = 2000,
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats (best kept).")] = 3,
     base: Annotated[str, typer.Option(help="Base model.")] = "tiny",
+    data: Annotated[Path | None, typer.Option("--data", help="SKAB folder for the v2 vs v1 throughput ratio "
+                                              "(default ../shared/datasets/skab; skipped when absent).")] = None,
 ) -> None:
-    """Scoring cost per value from 8 to 64 channels: the one-pass blind prediction against the C copies."""
+    """Scoring cost per value from 8 to 64 channels (one-pass blind prediction against the C copies), and the SKAB
+    scoring throughput of this scoring core against the first version's, side by side."""
     from rich.console import Console
 
     from edgepeft.bench.scaling import run_channel_scaling
@@ -196,7 +199,8 @@ def channels(
     if not numbers or min(numbers) < 1:
         raise ConfigError(f"--channels must list channel counts >= 1, got {counts!r}")
     folder = _out(out, "channels")
-    results = run_channel_scaling(folder, channels=numbers, rows=rows, repeats=repeats, base=base)
+    results = run_channel_scaling(folder, channels=numbers, rows=rows, repeats=repeats, base=base,
+                                  skab=data or Path("../shared/datasets/skab"))
     console = Console(soft_wrap=True)
     for row in results["rows"]:
         console.print(f"{row['channels']:>3} channels: {row['values_per_s']:>10,.0f} values/s one pass, "
