@@ -1,6 +1,6 @@
 """Commands of the streaming edge loop: ``edgepeft stream``, ``edgepeft bench stream``, ``edgepeft bench drift``.
 
-Thin shells over :func:`edgepeft.detect.streaming.stream_array` and :mod:`edgepeft.bench.stream_bench`; the CLI
+Thin shells over :func:`edgepeft.detect.stream_files.stream_array` and :mod:`edgepeft.bench.stream_bench`; the CLI
 registers them (``app.command("stream")(stream)``, ``bench_app.command("stream")(bench_stream)``,
 ``bench_app.command("drift")(bench_drift)``) and its ``main`` turns our errors into one line. Until then, or
 stand-alone, ``python -m edgepeft.bench.stream_commands stream|bench-stream|bench-drift ...`` runs them with
@@ -84,7 +84,7 @@ def stream(
 
     from edgepeft.core.config import atomic_write_bytes
     from edgepeft.core.errors import DataError
-    from edgepeft.detect.streaming import stream_array
+    from edgepeft.detect.stream_files import stream_array
 
     console = _console()
     if threads < 1:

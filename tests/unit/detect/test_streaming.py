@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from edgepeft.core.errors import ConfigError, DataError
-from edgepeft.detect.streaming import StreamingDetector, stream_array
+from edgepeft.detect.stream_files import stream_array
+from edgepeft.detect.streaming import StreamingDetector
 from edgepeft.models.registry import register_base
 from tests.conftest import make_tiny_base, sine_series
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgepeft.detect.streaming import RUNS_LOG, stream_array
+from edgepeft.detect.stream_files import RUNS_LOG, stream_array
 from edgepeft.train.stream import checkpoint_files, latest_checkpoint, read_checkpoint
 from tests.conftest import sine_series
 
