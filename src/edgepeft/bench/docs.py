@@ -103,18 +103,33 @@ def render_results(results: dict[str, Any], *, level: int = 1, image_prefix: str
     lines += provenance_lines(results)
     if results.get("protocol"):
         lines += [f"{h}# Protocol", ""] + [f"- {p}" for p in results["protocol"]] + [""]
-    lines += [f"{h}# Targets (issue \"Real-data benchmarks\")", ""]
+    lines += [f"{h}# Targets (issues \"Real-data benchmarks\" and \"Detector v2\")", ""]
     lines += _targets(results.get("targets", []))
     lines += [f"{h}# Quality and costs", ""]
     lines += _quality_table(results)
     if suite == "skab" and results.get("published"):
         lines += _published(results, h)
+    lines += _explanations(results, h)
     lines += _memory_table(results, h)
     lines += _per_asset(results, h)
     if results.get("plots"):
         lines += [f"{h}# Plots", ""]
         lines += [f"![{Path(p).stem}]({image_prefix}{p})" for p in results["plots"]] + [""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _explanations(results: dict[str, Any], h: str) -> list[str]:
+    """HitRate@1/@3 of the alert explanations on faults that name their channel (the fleet's sensor faults)."""
+    hits = results.get("explanations") or {}
+    if not hits:
+        return []
+    lines = [f"{h}# Alert explanations", "",
+             "Sensor faults (drift, stuck) name the channel they corrupt: the share of their rows whose channel is "
+             "the row's strongest in the explanation (HitRate@1) or among its three strongest (HitRate@3).", ""]
+    table = [[f"`{name}`", str(v["rows"]), _num(v["hit_rate_1"]), _num(v["hit_rate_3"]), str(v["flagged_rows"]),
+              _num(v["flagged_hit_rate_1"]), _num(v["flagged_hit_rate_3"])] for name, v in hits.items()]
+    return lines + markdown_table(["Contender", "Fault rows", "HitRate@1", "HitRate@3", "Flagged fault rows",
+                                   "HitRate@1 (flagged)", "HitRate@3 (flagged)"], table)
 
 
 def provenance_lines(results: dict[str, Any]) -> list[str]:

@@ -194,6 +194,7 @@ class AssetOutput:
     scores: np.ndarray
     predictions: np.ndarray
     row: dict[str, Any]
+    top_channels: list[list[int]] | None = None  # per test row, its strongest channels' indices (if explained)
 
 
 def _warm_up(contenders: list[Contender], threads: int | None) -> None:
@@ -220,12 +221,15 @@ def _fit(contender: Contender, det: Any, train: np.ndarray, progress: _Progress)
 
 
 def run_contenders(
-    suite: str, runs: list[LabelledRun], contenders: list[Contender], opts: SuiteOptions, with_history: bool
+    suite: str, runs: list[LabelledRun], contenders: list[Contender], opts: SuiteOptions, with_history: bool,
+    explain: bool = False,
 ) -> tuple[dict[str, list[AssetOutput]], dict[str, dict[str, Any]]]:
     """Fit a fresh detector per asset and contender, score the test rows, measure costs on the first asset.
 
     ``with_history``: score training and test rows as one series and keep the test rows (only where the test
     part continues the training part in time; scoring is causal, so no test row sees a later row).
+    ``explain``: also keep, for detectors that explain their scores, each test row's three strongest channels
+    (an extra, untimed pass).
     """
     outputs: dict[str, list[AssetOutput]] = {}
     costs: dict[str, dict[str, Any]] = {}
@@ -256,7 +260,12 @@ def run_contenders(
                     "rows_scored": len(series),
                     "throughput_values_per_s": throughput(len(series), series.shape[1], score_seconds),
                 }
-                outputs[contender.name].append(AssetOutput(scored["score"][keep:], scored["anomaly"][keep:], row))
+                top = None
+                if explain and hasattr(det, "explain"):
+                    position = {name: i for i, name in enumerate(det.channels_)}
+                    top = [[position[part.split(":")[0]] for part in label.split(";")]
+                           for label in det.explain(series)[keep:]]
+                outputs[contender.name].append(AssetOutput(scored["score"][keep:], scored["anomaly"][keep:], row, top))
                 if index == 0:
                     progress.status(f"{contender.name}: measuring costs on {run.name}")
                     costs[contender.name] = {
@@ -726,7 +735,7 @@ def run_fleet(
     fleet = make_pump_fleet(n_pumps, n_train=n_train, n_test=n_test, seed=opts.seed)
     runs = _cut([LabelledRun(p.name, p.channels, p.train, p.test, p.labels, None) for p in fleet], opts)
     subset = opts.limit is not None and opts.limit < n_pumps or opts.max_rows is not None
-    outputs, costs = run_contenders("fleet", runs, contenders, opts, with_history=True)
+    outputs, costs = run_contenders("fleet", runs, contenders, opts, with_history=True, explain=True)
     protocol = _ranked_protocol(
         f"make_pump_fleet({n_pumps}, n_train={n_train}, n_test={n_test}, seed={opts.seed}): each pump's training "
         "part is fault-free and its test part continues the same series with 2-4 injected faults. The detector "
@@ -739,7 +748,40 @@ def run_fleet(
     faults = {p.name: [list(f) for f in p.faults] for p in fleet[: len(runs)]}
     results = _assemble("fleet", opts, runs, contenders, outputs, costs, subset,
                         {"n_pumps": n_pumps, "n_train": n_train, "n_test": n_test, "faults": faults}, protocol)
+    results["explanations"] = explanation_hit_rates(fleet[: len(runs)], runs, outputs)
     return write_outputs(results, out)
+
+
+def explanation_hit_rates(fleet: list[Any], runs: list[LabelledRun], outputs: dict[str, list[AssetOutput]]
+                          ) -> dict[str, Any]:
+    """HitRate@1 / @3 of each explaining contender on the fleet's sensor faults (drift, stuck), the faults that
+    name their channel: the share of their rows whose faulted channel is the row's strongest channel / among its
+    three strongest, over every row of the fault and over the rows the detector flagged."""
+    out: dict[str, Any] = {}
+    for name, outs in outputs.items():
+        if any(o.top_channels is None for o in outs):
+            continue
+        hits = {"rows": 0, "at1": 0, "at3": 0, "flagged_rows": 0, "flagged_at1": 0, "flagged_at3": 0}
+        for pump, output in zip(fleet[: len(runs)], outs, strict=True):
+            for number, (start, end, _) in enumerate(pump.faults):
+                key = f"fault_{number}_channel"
+                if key not in pump.params:
+                    continue
+                channel = int(pump.params[key])
+                for row in range(start, min(end, len(output.top_channels))):
+                    top = output.top_channels[row]
+                    flagged = bool(output.predictions[row])
+                    hits["rows"] += 1
+                    hits["at1"] += top[:1] == [channel]
+                    hits["at3"] += channel in top[:3]
+                    hits["flagged_rows"] += flagged
+                    hits["flagged_at1"] += flagged and top[:1] == [channel]
+                    hits["flagged_at3"] += flagged and channel in top[:3]
+        rows, flagged = max(hits["rows"], 1), max(hits["flagged_rows"], 1)
+        out[name] = {**hits, "hit_rate_1": hits["at1"] / rows, "hit_rate_3": hits["at3"] / rows,
+                     "flagged_hit_rate_1": hits["flagged_at1"] / flagged,
+                     "flagged_hit_rate_3": hits["flagged_at3"] / flagged}
+    return out
 
 
 __all__ = ["PEFT_METHODS", "SUITES", "SuiteOptions", "run_asd", "run_fleet", "run_skab", "write_outputs"]

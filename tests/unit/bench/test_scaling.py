@@ -39,3 +39,23 @@ def test_bad_channel_list_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "--channels" in lines[0]
+
+
+def test_explanation_hit_rates_count_rows_of_faults_that_name_their_channel() -> None:
+    import numpy as np
+
+    from edgepeft.bench.suites import AssetOutput, explanation_hit_rates
+    from edgepeft.data.datasets import LabelledRun
+    from edgepeft.data.synthetic import PumpAsset
+
+    pump = PumpAsset("p", ["a", "b", "c"], np.zeros((4, 3)), np.zeros((6, 3)), np.ones(6, np.int8),
+                     faults=[(0, 4, "stuck_sensor"), (4, 6, "imbalance")], params={"fault_0_channel": 1.0})
+    run = LabelledRun("p", pump.channels, pump.train, pump.test, pump.labels, None)
+    top = [[1, 0, 2], [0, 1, 2], [0, 2, 1], [2, 0, 1], [0, 1, 2], [0, 1, 2]]
+    flagged = np.array([1, 1, 0, 0, 1, 1])
+    out = explanation_hit_rates([pump], [run], {"ours": [AssetOutput(np.zeros(6), flagged, {}, top)],
+                                                "plain": [AssetOutput(np.zeros(6), flagged, {}, None)]})
+    assert list(out) == ["ours"]  # a detector without explanations is not scored
+    hits = out["ours"]
+    assert hits["rows"] == 4 and hits["hit_rate_1"] == 0.25 and hits["hit_rate_3"] == 1.0  # imbalance rows ignored
+    assert hits["flagged_rows"] == 2 and hits["flagged_hit_rate_1"] == 0.5
