@@ -35,9 +35,7 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import inspect
 import json
 import shutil
 import tempfile
@@ -627,11 +625,6 @@ class AnomalyDetector(CalibratedOutputs):
             self.fusion_ = Fusion.from_dict(state["fusion"], n)
 
     # ------------------------------------------------------------------ sklearn conventions
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """The constructor's arguments, read from its signature (scikit-learn's convention)."""
-        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
-        return {name: copy.deepcopy(getattr(self, name)) for name in names}
-
     def info(self, directory: str | Path | None = None) -> dict[str, Any]:
         """What this detector is: base, method, trainable share, adapter bytes, threshold."""
         self._check_fitted()

@@ -419,8 +419,9 @@ def persist_alarms(above: Any, raise_after: int = 1, clear_after: int = 1) -> np
 
 
 class CalibratedOutputs:
-    """``predict_proba`` / ``predict`` / ``score_all`` from a detector's ``score``, ``calibrator_`` and ``threshold_``:
-    one definition for our detector and the classical baselines, so they answer alike.
+    """The one base of our detector and the classical baselines: ``get_params`` (read from the constructor's
+    signature, scikit-learn's convention) and ``predict_proba`` / ``predict`` / ``score_all`` from a detector's
+    ``score``, ``calibrator_`` and ``threshold_``, so they all answer alike.
 
     >>> class Toy(CalibratedOutputs):
     ...     threshold_, calibrator_ = 0.5, ScoreCalibrator().fit(np.linspace(0, 1, 50))
@@ -438,6 +439,14 @@ class CalibratedOutputs:
 
     def score(self, X: Any) -> np.ndarray:  # pragma: no cover - every user defines it
         raise NotImplementedError
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor's arguments as stored (copies), named by its signature."""
+        import copy
+        import inspect
+
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n not in ("self", "args", "kwargs")]
+        return {name: copy.deepcopy(getattr(self, name)) for name in names}
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """p_anomaly per row in [0, 1]; see :func:`p_anomaly`."""
