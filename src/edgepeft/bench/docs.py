@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgepeft.bench.harness import RESULTS_FILE, read_results
+from edgepeft.bench.harness import RESULTS_FILE, SELF_RENDERED, read_results
 from edgepeft.core.config import atomic_write_bytes
 from edgepeft.core.errors import ArtifactError, OutputError
 
@@ -377,7 +377,6 @@ def _plot_speed(results: dict[str, Any], plt: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- BENCHMARKS.md
 
 
-SELF_RENDERED = ("stream", "drift", "deploy", "channels")
 
 
 def render_benchmarks(results_dirs: Sequence[str | os.PathLike[str]], *, relative_to: str | Path | None = None) -> str:

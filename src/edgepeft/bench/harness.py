@@ -45,6 +45,8 @@ PEFT_METHODS = ("lora", "dora", "ia3", "adapter", "prefix", "bitfit")
 # The same detector with the whole base trained (full) or trained from random weights (scratch).
 TRAINED_BASE_METHODS = ("full", "scratch")
 ZEROSHOT = "zeroshot"
+# Suites that write their own results.md (not the contender tables): docs shows it as is.
+SELF_RENDERED = ("stream", "drift", "deploy", "channels")
 EDGEPEFT_CONTENDERS = (*PEFT_METHODS, *TRAINED_BASE_METHODS, ZEROSHOT)
 ALL_CONTENDERS = (*EDGEPEFT_CONTENDERS, *BASELINES)
 
@@ -288,8 +290,8 @@ def read_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.exists():
         raise ArtifactError(f"{path} is missing; run `edgepeft bench <suite> --out {path.parent}` first")
     results = read_json(path)
-    # Suites that render their own Markdown (stream, drift, deploy) only need to name themselves.
-    self_rendered = results.get("suite") in ("stream", "drift", "deploy")
+    # Suites that render their own Markdown only need to name themselves.
+    self_rendered = results.get("suite") in SELF_RENDERED
     required = ("suite",) if self_rendered else ("suite", "summary", "contenders")
     for key in required:
         if key not in results:
