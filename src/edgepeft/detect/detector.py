@@ -267,8 +267,9 @@ class AnomalyDetector(CalibratedOutputs):
         ).astype(np.float64)  # float64 like after load(): saved and fitted detectors score bit-identically
         self.warmup_rows_ = window_len
         self.state_ = StateModel(self.state_window).fit(scaled)
-        self.fusion_ = self._fit_fusion(scaled, errors, n_fit)
-        self._calibrate_threshold(scaled, errors, n_fit)
+        reference = self._reference_evidence(scaled, errors)  # cross-fitted once, for the fusion and the threshold
+        self.fusion_ = self._fit_fusion(scaled, errors, n_fit, reference)
+        self._calibrate_threshold(scaled, errors, n_fit, reference)
         return errors
 
     def recalibrate(self, scaled: np.ndarray, n_fit: int) -> None:
@@ -282,12 +283,11 @@ class AnomalyDetector(CalibratedOutputs):
         self._calibrate_threshold(scaled, errors, n_fit, reference)
 
     def _calibrate_threshold(self, scaled: np.ndarray, errors: np.ndarray, n_fit: int,
-                             reference: dict[str, np.ndarray] | None = None) -> None:
+                             reference: dict[str, np.ndarray]) -> None:
         # Calibration rows: every training row with a full window of history. The state kinds are out-of-sample
         # there (cross-fitted); the dynamics are out-of-sample on the held-out rows and in-sample (smaller, so
         # never the maximum of a normal row for the wrong reason) before them.
         window_len = self.method_.encoder(self.model_).window_len
-        reference = self._reference_evidence(scaled, errors) if reference is None else reference
         calib_scores = trailing_mean(self.fusion_.raw_score(reference), self.smoothing)[min(window_len, n_fit // 2):]
         self.threshold_model_ = make_threshold(self.threshold, self.target_far).fit(calib_scores)
         self.threshold_ = float(self.threshold_model_.threshold_)
@@ -303,12 +303,12 @@ class AnomalyDetector(CalibratedOutputs):
             out[DYNAMICS] = channel_evidence(errors, self.channel_error_, self.evidence_weights_)
         return {k: out[k] for k in kinds}
 
-    def _fit_fusion(self, scaled: np.ndarray, errors: np.ndarray, n_fit: int) -> Fusion:
+    def _fit_fusion(self, scaled: np.ndarray, errors: np.ndarray, n_fit: int,
+                    reference: dict[str, np.ndarray]) -> Fusion:
         """Each kind's scale from normal out-of-sample rows; with ``evidence="auto"``, the weighting that best finds
         faults injected into this asset's own training rows (no labels; the injected copy is scored like a test
         series, by the adapter and by cross-fitted state models)."""
         skip = min(self.method_.encoder(self.model_).window_len, n_fit // 2)
-        reference = self._reference_evidence(scaled, errors)
         # Dynamics: the held-out rows only (the fitted rows' errors are in-sample, smaller than a new row's).
         fit_rows = {k: (v[n_fit:] if k == DYNAMICS else v[skip:]) for k, v in reference.items()}
         fusion = Fusion().fit(fit_rows)
