@@ -395,6 +395,8 @@ def test_evidence_setting_is_validated_and_a_fixed_set_is_used() -> None:
     train, test, _ = _with_fault()
     with pytest.raises(ConfigError, match="evidence"):
         AnomalyDetector(base="tiny", steps=5, evidence="dynamics,telepathy").fit(train)
+    with pytest.raises(ConfigError, match="state_window"):
+        AnomalyDetector(base="tiny", steps=5, state_window=1).fit(train)
     det = AnomalyDetector(base="tiny", steps=5, evidence="relation,dynamics").fit(train)
     assert det.fusion_.kinds_ == ["relation", "dynamics"]
     assert np.isfinite(det.score(test)).all()

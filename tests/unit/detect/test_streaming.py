@@ -320,3 +320,11 @@ def test_live_stream_scores_with_the_batch_calibration() -> None:
     assert det.threshold_ == det.core_.threshold_
     out = det.process_many(values[500:])
     assert (out["p_anomaly"] < 1.0).all() and out["anomaly"].mean() < 0.1
+
+
+def test_stream_scoring_settings_are_validated() -> None:
+    values = sine_series(500, 2, seed=1)
+    for bad, match in (({"recalibrate_every": 0}, "recalibrate_every"), ({"evidence": "vibes"}, "evidence"),
+                       ({"raise_after": 0}, "raise_after")):
+        with pytest.raises(ConfigError, match=match):
+            StreamingDetector(base="tiny", warmup=300, **bad).process_many(values)
