@@ -8,6 +8,8 @@ Fitted state is JSON-serialisable (``to_dict`` / ``from_dict``) so it can ship w
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 import warnings
 from typing import Any
@@ -442,9 +444,6 @@ class CalibratedOutputs:
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         """The constructor's arguments as stored (copies), named by its signature."""
-        import copy
-        import inspect
-
         names = [n for n in inspect.signature(type(self).__init__).parameters if n not in ("self", "args", "kwargs")]
         return {name: copy.deepcopy(getattr(self, name)) for name in names}
 
