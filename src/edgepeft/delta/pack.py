@@ -39,7 +39,7 @@ from edgepeft.delta.manifest import (
     validate_manifest,
 )
 from edgepeft.delta.payload import decode_payload, encode_payload, file_tensors
-from edgepeft.detect.detector import SCHEMA_VERSIONS, detector_schema
+from edgepeft.detect.core import SCHEMA_VERSIONS, detector_schema
 
 # The names AnomalyDetector.save uses; repeated here (not imported) so that packing and unpacking never pull
 # in torch and peft through edgepeft.detect. tests/unit/delta checks they agree.

@@ -52,42 +52,22 @@ from edgepeft.core.config import read_json, write_json
 from edgepeft.core.errors import ArtifactError, ConfigError, DataError, OutputError
 from edgepeft.data.csvio import validate_array
 from edgepeft.data.scaler import ChannelScaler
-from edgepeft.data.windows import scoring_windows
-from edgepeft.detect.evidence import (
-    DYNAMICS,
-    EVIDENCE_KINDS,
-    RELATION_SMOOTHING,
-    Fusion,
-    StateModel,
-    cross_fit,
-    inject_faults,
-    select_weights,
+from edgepeft.detect.core import (
+    ADAPTER_DIR,
+    DETECTOR_FILE,
+    EVIDENCE_AUTO,
+    SCHEMA_VERSIONS,
+    ScoringCore,
+    detector_schema,
+    saved_params,
 )
-from edgepeft.detect.scoring import (
-    CHANNEL_AGGS,
-    channel_evidence,
-    combine_errors,
-    evidence_weights,
-    slow_share,
-    trailing_mean,
-)
-from edgepeft.detect.threshold import (
-    CalibratedOutputs,
-    ScoreCalibrator,
-    check_persistence,
-    make_threshold,
-    threshold_from_dict,
-)
+from edgepeft.detect.evidence import DYNAMICS, Fusion, StateModel, cross_fit, inject_faults, select_weights
+from edgepeft.detect.scoring import channel_evidence, evidence_weights, slow_share, trailing_mean
+from edgepeft.detect.threshold import ScoreCalibrator, make_threshold
 from edgepeft.models.registry import list_bases, load_base, load_card, state_sha256
 from edgepeft.peft import PeftConfig, get_method, list_methods, parameter_report
 from edgepeft.train.adapt import AdaptConfig, adapt
 
-DETECTOR_FILE = "detector.json"
-ADAPTER_DIR = "adapter"
-# 1: dynamics (forecast + blind) only, no schema_version field; 2: state evidence and fusion (Detector v2).
-SCHEMA_VERSION = 2
-SCHEMA_VERSIONS = (1, SCHEMA_VERSION)
-EVIDENCE_AUTO = "auto"
 # The weightings "auto" chooses among, per asset, by how well each finds faults injected into the asset's own
 # normal rows (Goswami et al., ICLR 2023). Level is the most fragile kind (a short recording underestimates where
 # a healthy level may wander), so it is a candidate, not a given.
@@ -99,7 +79,7 @@ FUSION_CANDIDATES: tuple[dict[str, float], ...] = (
 )
 
 
-class AnomalyDetector(CalibratedOutputs):
+class AnomalyDetector(ScoringCore):
     """One asset's detector: a frozen pretrained base, a PEFT delta trained on the asset's normal data,
     and a threshold calibrated for a target false-alarm rate.
 
@@ -158,36 +138,6 @@ class AnomalyDetector(CalibratedOutputs):
         if self.method not in list_methods():
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(list_methods())}")
         self._check_scoring_params()
-
-    def _check_scoring_params(self) -> None:
-        """The settings that scoring uses (also checked when a saved detector is read, e.g. on a device)."""
-        if not 0.0 < self.target_far < 0.5:
-            raise ConfigError(f"target_far must be in (0, 0.5), got {self.target_far}")
-        if self.smoothing < 1:
-            raise ConfigError(f"smoothing must be >= 1 row, got {self.smoothing}")
-        if not 0.0 <= self.blind_weight <= 1.0:
-            raise ConfigError(f"blind_weight must be in [0, 1], got {self.blind_weight}")
-        if not 0.05 <= self.calib_fraction <= 0.5:
-            raise ConfigError(f"calib_fraction must be in [0.05, 0.5], got {self.calib_fraction}")
-        if self.channel_agg not in CHANNEL_AGGS:
-            raise ConfigError(f"channel_agg must be one of {', '.join(CHANNEL_AGGS)}, got {self.channel_agg!r}")
-        if self.slow_channel_share is not None and not 0.0 <= self.slow_channel_share <= 1.0:
-            raise ConfigError(f"slow_channel_share must be in [0, 1] or None, got {self.slow_channel_share}")
-        check_persistence(self.raise_after, self.clear_after)
-        self._evidence_kinds()
-        if isinstance(self.state_window, bool) or not isinstance(self.state_window, int) or self.state_window < 2:
-            raise ConfigError(f"state_window must be a whole number of rows >= 2, got {self.state_window!r}")
-
-    def _evidence_kinds(self) -> list[str]:
-        """The kinds ``evidence`` names ("auto": all, weighted per asset)."""
-        if self.evidence == EVIDENCE_AUTO:
-            return list(EVIDENCE_KINDS)
-        kinds = [k.strip() for k in str(self.evidence).split(",") if k.strip()]
-        unknown = [k for k in kinds if k not in EVIDENCE_KINDS]
-        if unknown or not kinds:
-            raise ConfigError(f"evidence must be 'auto' or a comma list of {', '.join(EVIDENCE_KINDS)}, "
-                              f"got {self.evidence!r}")
-        return list(dict.fromkeys(kinds))
 
     def _peft_config(self) -> PeftConfig:
         # Default: adapters in the cross-channel block only. The frozen temporal blocks then run once
@@ -321,155 +271,48 @@ class AnomalyDetector(CalibratedOutputs):
         weights = select_weights(kind_scores, mask[skip:], list(FUSION_CANDIDATES), self.smoothing)
         return fusion.fit(fit_rows, weights)
 
-    # ------------------------------------------------------------------ scoring
+    # ------------------------------------------------------------------ the model
     def _check_fitted(self) -> None:
         if not hasattr(self, "model_"):
             raise ConfigError("this AnomalyDetector is not fitted yet; call fit(X_normal) or AnomalyDetector.load(dir)")
 
-    @torch.no_grad()
-    def _row_errors(self, scaled: np.ndarray, channel_budget: int = 512, one_pass: bool | None = None) -> np.ndarray:
-        """(T, C, 2) squared errors in asset-standardised units: [..., 0] forecast, [..., 1] blind.
-
-        One pass per batch of windows: the temporal features once, then the forecast and every channel's blind
-        prediction (:meth:`PatchEncoder.blind_mix`, linear in the channel count). An opaque model (the ONNX
-        engine's session) has no such method and gets C copies with one channel hidden each.
-        ``channel_budget`` bounds the channel-sequences per pass (inference memory, whatever the channel count).
-        ``one_pass=False`` makes the blind predictions with C copies of the cross-channel half (the path this one
-        replaced: the benchmark's and the tests' reference; same numbers).
-        """
+    def _geometry(self) -> tuple[int, int]:
         encoder = self.method_.encoder(self.model_)
-        windows, hidden = scoring_windows(scaled, encoder.window_len, encoder.patch_len)
-        patch_len = encoder.patch_len
-        n_windows, _, n_channels = windows.shape
-        blind = n_channels > 1 and self.blind_weight > 0
-        out = np.zeros((n_windows, patch_len, n_channels, 2), dtype=np.float32)
+        return encoder.window_len, encoder.patch_len
+
+    def _pass_width(self, n_channels: int, one_pass: bool | None) -> int:
+        shared = hasattr(self.method_.encoder(self.model_), "blind_mix")
+        return n_channels * (2 if shared else n_channels + 1)
+
+    @torch.no_grad()
+    def _predict(self, windows: np.ndarray, hidden: np.ndarray, blind: bool, one_pass: bool | None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One pass per batch of windows: the temporal features once, then the forecast and every channel's blind
+        prediction (:meth:`PatchEncoder.blind_mix`, linear in the channel count). An opaque model (a wrapped
+        session) has no such method and gets C copies with one channel hidden each. ``one_pass=False`` makes the
+        blind predictions with C copies of the cross-channel half (the path this one replaced: the benchmark's
+        and the tests' reference; same numbers)."""
+        encoder = self.method_.encoder(self.model_)
         self.model_.eval()
-        shared = hasattr(encoder, "blind_mix")  # temporal features computed once, blind predictions from them
-        per_window = n_channels * (2 if shared else n_channels + 1)
-        batch_windows = max(1, channel_budget // per_window)
-        if shared and blind:
+        chunk, mask = torch.from_numpy(windows), torch.from_numpy(hidden)  # (b, L, C), (b, C, N)
+        n_channels = chunk.shape[2]
+        if hasattr(encoder, "blind_mix"):
+            feats, mean, std = encoder.temporal_features(chunk, mask)
+            forecast = encoder.mix(feats, mean, std).numpy()
+            if not blind:
+                return forecast, None
             # A served model may keep these constant features (the device runtime's do): they never change.
             cached = getattr(self.model_, "hidden_channel_features", None)
             blank = cached() if callable(cached) else encoder.hidden_channel_features()
-        eye = torch.eye(n_channels, dtype=torch.bool)[:, :, None]  # (C, C, 1): copy c hides channel c
-        for start in range(0, n_windows, batch_windows):
-            chunk = torch.from_numpy(windows[start : start + batch_windows])  # (b, L, C)
-            mask = torch.from_numpy(hidden[start : start + batch_windows])  # (b, C, N)
-            stop = start + len(chunk)
-            if shared:
-                feats, mean, std = encoder.temporal_features(chunk, mask)
-                out[start:stop, :, :, 0] = encoder.mix(feats, mean, std)[:, -patch_len:, :].numpy()
-                if blind:
-                    blind_pred = encoder.blind_mix(feats, blank, copies=one_pass is False)
-                    out[start:stop, :, :, 1] = blind_pred[:, -patch_len:, :].numpy()
-                continue
-            out[start:stop, :, :, 0] = self.model_(chunk, mask)[:, -patch_len:, :].numpy()
-            if blind:
-                reps = chunk.repeat_interleave(n_channels, dim=0)  # (b*C, L, C)
-                blind_mask = (mask.unsqueeze(1) | eye.unsqueeze(0)).reshape(-1, n_channels, mask.shape[-1])
-                recon = self.model_(reps, blind_mask)[:, -patch_len:, :].reshape(len(chunk), n_channels, patch_len,
-                                                                                   n_channels)
-                out[start:stop, :, :, 1] = torch.diagonal(recon, dim1=1, dim2=3).numpy()  # (b, P, C)
-        predicted = out.reshape(-1, n_channels, 2)[: scaled.shape[0]]  # (T, C, 2)
-        errors = (predicted - scaled[:, :, None]) ** 2
+            return forecast, encoder.blind_mix(feats, blank, copies=one_pass is False).numpy()
+        forecast = self.model_(chunk, mask).numpy()
         if not blind:
-            errors[..., 1] = errors[..., 0]
-        return errors
-
-    def _evidence(self, scaled: np.ndarray) -> dict[str, np.ndarray]:
-        """kind -> (rows, channels) evidence of a scaled series: the one scoring core of every path (batch, stream,
-        device engines) once the engine has produced its forecast/blind errors."""
-        return self._evidence_from_errors(scaled, self._row_errors(scaled))
-
-    def _evidence_from_errors(self, scaled: np.ndarray, errors: np.ndarray) -> dict[str, np.ndarray]:
-        if self.fusion_ is None:  # a schema 1 detector: dynamics only
-            return {DYNAMICS: channel_evidence(errors, self.channel_error_, self.evidence_weights_)}
-        out = self.state_.evidence(scaled) if any(k != DYNAMICS for k in self.fusion_.kinds_) else {}
-        out[DYNAMICS] = channel_evidence(errors, self.channel_error_, self.evidence_weights_)
-        return {k: out[k] for k in self.fusion_.kinds_}
-
-    def _score_scaled(self, scaled: np.ndarray) -> np.ndarray:
-        return self.score_errors(scaled, self._row_errors(scaled))
-
-    def score_errors(self, scaled: np.ndarray, errors: np.ndarray) -> np.ndarray:
-        """Scores of consecutive rows (scaled) from the model's (rows, C, 2) errors: the scoring core every path
-        calls once its engine (torch, ONNX Runtime, the streaming loop's memoised patches) made the errors."""
-        if self.fusion_ is None:
-            return combine_errors(errors, self.channel_error_, self.evidence_weights_, self.smoothing,
-                                  self.channel_agg)
-        return trailing_mean(self.fusion_.raw_score(self._evidence_from_errors(scaled, errors)), self.smoothing)
-
-    def stream_context(self) -> int:
-        """Rows before a row that its score reads besides its patch prediction (state windows, smoothing): the
-        streaming loop keeps this many rows and errors to score a row exactly as a batch would."""
-        return self.smoothing + self.state_window + RELATION_SMOOTHING
-
-    def _prepare(self, X: Any) -> np.ndarray:
-        self._check_fitted()
-        channels = self.channels_ if hasattr(X, "columns") else None
-        values, _ = validate_array(X, channels=channels)
-        if values.shape[1] != self.n_channels_:
-            raise DataError(f"data has {values.shape[1]} channels but the detector was trained on "
-                            f"{self.n_channels_} ({', '.join(self.channels_)})")
-        return self.scaler_.transform(values)
-
-    def score(self, X: Any) -> np.ndarray:
-        """One anomaly score per row (higher = more anomalous)."""
-        return self._score_scaled(self._prepare(X))
-
-    def score_all(self, X: Any, explain: bool = False) -> dict[str, Any]:
-        """score, p_anomaly and anomaly per row in one pass; ``explain=True`` adds ``top_channels``: for each
-        flagged row, its three strongest sensors with their kind of evidence (``""`` on unflagged rows)."""
-        if not explain:
-            return super().score_all(X)
-        scaled = self._prepare(X)
-        contributions, kinds = self._contributions(scaled, self._evidence(scaled))
-        score = trailing_mean(contributions.max(axis=(1, 2)), self.smoothing) if self.fusion_ is not None \
-            else self._score_scaled(scaled)
-        out: dict[str, Any] = {"score": score, "p_anomaly": self._p_anomaly(score), "anomaly": self._alarms(score)}
-        flagged = np.flatnonzero(out["anomaly"])
-        labels = [""] * len(score)
-        for row, label in zip(flagged, self._top_labels(scaled, contributions[flagged], kinds, flagged), strict=True):
-            labels[row] = label
-        out["top_channels"] = labels
-        return out
-
-    def channel_scores(self, X: Any) -> np.ndarray:
-        """(rows, channels) evidence before smoothing, on the score's scale: which sensor drives an alert."""
-        scaled = self._prepare(X)
-        return self._contributions(scaled, self._evidence(scaled))[0].max(axis=2)
-
-    def explain(self, X: Any, top: int = 3) -> list[str]:
-        """Per row, the ``top`` channels that drive its score with their kind of evidence, strongest first, e.g.
-        ``"flow:relation;vib_rms:scale"``. Kinds: dynamics (the forecast or virtual sensor missed), level, scale
-        (variance up), stuck (variance collapsed), relation (left the asset's normal sensor relations)."""
-        scaled = self._prepare(X)
-        contributions, kinds = self._contributions(scaled, self._evidence(scaled))
-        return self._top_labels(scaled, contributions, kinds, np.arange(len(scaled)), top)
-
-    def _contributions(self, scaled: np.ndarray, evidence: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
-        if self.fusion_ is None:
-            return np.log1p(evidence[DYNAMICS])[..., None], [DYNAMICS]
-        return self.fusion_.channel_scores(evidence), list(self.fusion_.kinds_)
-
-    def _top_labels(self, scaled: np.ndarray, contributions: np.ndarray, kinds: list[str], rows: np.ndarray,
-                    top: int = 3) -> list[str]:
-        if len(rows) == 0:
-            return []
-        stuck = self.state_.scale_direction(scaled)[rows] < 0 if "scale" in kinds else None
-        best_kind = contributions.argmax(axis=2)  # (rows, channels)
-        order = np.argsort(-contributions.max(axis=2), axis=1, kind="stable")[:, :top]
-        labels = []
-        for i, channels in enumerate(order):
-            parts = []
-            for c in channels:
-                kind = kinds[best_kind[i, c]]
-                if kind == "scale" and stuck is not None and stuck[i, c]:
-                    kind = "stuck"
-                parts.append(f"{self.channels_[c]}:{kind}")
-            labels.append(";".join(parts))
-        return labels
-
+            return forecast, None
+        eye = torch.eye(n_channels, dtype=torch.bool)[:, :, None]  # (C, C, 1): copy c hides channel c
+        reps = chunk.repeat_interleave(n_channels, dim=0)  # (b*C, L, C)
+        blind_mask = (mask.unsqueeze(1) | eye.unsqueeze(0)).reshape(-1, n_channels, mask.shape[-1])
+        recon = self.model_(reps, blind_mask).reshape(len(chunk), n_channels, -1, n_channels)
+        return forecast, torch.diagonal(recon, dim1=1, dim2=3).numpy()  # (b, L, C)
 
     # ------------------------------------------------------------------ merge
     def merge(self) -> None:
@@ -558,71 +401,12 @@ class AnomalyDetector(CalibratedOutputs):
         Files saved before a setting existed read with the behaviour they were fitted with.
         """
         try:
-            version = detector_schema(state)
-            params = dict(state["params"])
-            params.setdefault("channel_agg", "mean")  # saved before max became the default
-            params.setdefault("evidence", DYNAMICS if version == 1 else EVIDENCE_AUTO)
-            params.setdefault("slow_channel_share", None)
-            params.setdefault("micro_batch", None)  # fitted in one pass per step
-            det = cls(**params)
-            det.base = state["base"]
-            det.channels_ = list(state["channels"])
-            det.n_channels_ = len(det.channels_)
-            det.base_sha256_ = state["base_sha256"]
-            det.base_parameters_ = int(state["base_parameters"])
+            det = cls(**saved_params(state))
             det.peft_config_ = PeftConfig(**state["peft_config"])
-            det.scaler_ = ChannelScaler.from_dict(state["scaler"])
-            n = det.n_channels_
-            if det.scaler_.mean_.shape != (n,) or not (np.isfinite(det.scaler_.mean_).all()
-                                                       and np.isfinite(det.scaler_.scale_).all()):
-                raise ValueError(f"the scaler must hold {n} finite means and scales")
-            det._load_scoring(state)
-            det.report_ = dict(state["report"])
-            det._check_scoring_params()
+            det._load_fitted(state)
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise ArtifactError(f"{source} is malformed ({exc})") from exc
         return det
-
-    def scoring_state(self) -> dict[str, Any]:
-        """The fitted numbers that turn a model's errors into scores, alarms and probabilities (JSON-ready)."""
-        return {
-            "channel_error": self.channel_error_.tolist(),
-            "evidence_weights": self.evidence_weights_.tolist(),
-            "threshold": self.threshold_model_.to_dict(),
-            "calibrator": self.calibrator_.to_dict(),
-            "warmup_rows": self.warmup_rows_,
-            "state": None if self.fusion_ is None else self.state_.to_dict(),
-            "fusion": None if self.fusion_ is None else self.fusion_.to_dict(),
-        }
-
-    def _load_scoring(self, state: dict[str, Any]) -> None:
-        """Set and check what :meth:`scoring_state` wrote (or a schema 1 file's subset); raises ValueError/KeyError.
-        Scores are computed from these numbers: checked here, so a loaded detector cannot score NaN/inf."""
-        n = self.n_channels_
-        self.channel_error_ = np.asarray(state["channel_error"], dtype=np.float64)
-        if self.channel_error_.shape not in ((n,), (n, 2)) or not (np.isfinite(self.channel_error_).all()
-                                                                  and (self.channel_error_ > 0).all()):
-            raise ValueError(f"channel_error must be finite positive numbers for each of the {n} channels")
-        weights = state.get("evidence_weights")
-        self.evidence_weights_ = (evidence_weights(n, self.blind_weight) if weights is None
-                                  else np.asarray(weights, dtype=np.float64))
-        if self.evidence_weights_.shape != (n, 2):
-            raise ValueError(f"evidence_weights has shape {self.evidence_weights_.shape}, expected ({n}, 2)")
-        if not (np.isfinite(self.evidence_weights_).all() and (self.evidence_weights_ >= 0).all()):
-            raise ValueError("evidence_weights must be finite and non-negative")
-        self.threshold_model_ = threshold_from_dict(state["threshold"])
-        self.threshold_ = float(self.threshold_model_.threshold_)
-        if not np.isfinite(self.threshold_):
-            raise ValueError("the threshold is not a finite number")
-        self.calibrator_ = ScoreCalibrator.from_dict(state["calibrator"])
-        self.warmup_rows_ = int(state.get("warmup_rows", 0))  # schema 1: alarms were never held
-        if self.warmup_rows_ < 0:
-            raise ValueError("warmup_rows must be >= 0")
-        if state.get("fusion") is None:  # schema 1: dynamics only
-            self.state_, self.fusion_ = None, None
-        else:
-            self.state_ = StateModel.from_dict(state["state"], n)
-            self.fusion_ = Fusion.from_dict(state["fusion"], n)
 
     # ------------------------------------------------------------------ sklearn conventions
     def info(self, directory: str | Path | None = None) -> dict[str, Any]:
@@ -652,11 +436,6 @@ class AnomalyDetector(CalibratedOutputs):
 
     def __repr__(self) -> str:
         return f"AnomalyDetector({json.dumps(self.get_params())[1:-1]})"
-
-
-def detector_schema(state: dict[str, Any]) -> int:
-    """The schema a detector.json dict is written with: 2 when it carries the state evidence and fusion."""
-    return SCHEMA_VERSION if state.get("fusion") is not None else 1
 
 
 def trainable_names(model: nn.Module) -> list[str]:

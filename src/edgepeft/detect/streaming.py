@@ -50,7 +50,8 @@ import torch
 from edgepeft.core.errors import ArtifactError, ConfigError, DataError
 from edgepeft.data.csvio import validate_array
 from edgepeft.data.scaler import ChannelScaler
-from edgepeft.detect.detector import EVIDENCE_AUTO, AnomalyDetector
+from edgepeft.detect.core import EVIDENCE_AUTO
+from edgepeft.detect.detector import AnomalyDetector
 from edgepeft.detect.threshold import check_persistence, p_anomaly
 from edgepeft.models.registry import list_bases, load_base
 from edgepeft.peft import PeftConfig, get_method, list_methods

@@ -39,7 +39,8 @@ from torch import nn
 
 from edgepeft.core.config import read_json
 from edgepeft.core.errors import ArtifactError, ModelError
-from edgepeft.detect.detector import ADAPTER_DIR, DETECTOR_FILE, SCHEMA_VERSIONS, AnomalyDetector
+from edgepeft.detect.core import ADAPTER_DIR, DETECTOR_FILE, SCHEMA_VERSIONS
+from edgepeft.detect.detector import AnomalyDetector
 from edgepeft.models.registry import load_base, state_sha256
 from edgepeft.peft import PeftConfig, PeftMethod, get_method
 from edgepeft.peft.base import AdapterTensors, DeltaLoader

@@ -37,7 +37,8 @@ from edgepeft.delta import pack as pack_module
 from edgepeft.delta.bundle import HEADER, MAGIC, MAX_BUNDLE_BYTES, SIGNATURE_BYTES, signed_digest
 from edgepeft.delta.manifest import canonical_json
 from edgepeft.detect import detector as detector_module
-from edgepeft.detect.detector import SCHEMA_VERSIONS, AnomalyDetector, detector_schema
+from edgepeft.detect.core import SCHEMA_VERSIONS, detector_schema
+from edgepeft.detect.detector import AnomalyDetector
 from edgepeft.models.registry import load_card
 from tests.conftest import sine_series
 
