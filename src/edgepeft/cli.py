@@ -24,6 +24,9 @@ from rich.table import Table
 
 from edgepeft.core.errors import EdgePeftError, OutputError
 
+# What only the training install has (the `train` extra): a device install lacks them on purpose.
+TRAINING_MODULES = frozenset({"torch", "peft", "sklearn", "pyod", "scipy", "matplotlib", "onnx", "psutil"})
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -350,6 +353,15 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]")
         sys.exit(130)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in TRAINING_MODULES:
+            raise
+        # A device install (numpy + ONNX Runtime) serves and verifies; training, scoring offline and benchmarks
+        # need the training side's libraries.
+        command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), "this command")
+        _error(f"`edgepeft {command}` needs the training install ({exc.name} is not installed): "
+               "pip install 'edgepeft[train]' (a device install serves with `edgepeft serve --engine onnx --graph`)")
+        sys.exit(2)
     except typer.Abort:
         _error("aborted")
         sys.exit(1)

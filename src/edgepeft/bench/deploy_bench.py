@@ -7,6 +7,7 @@ the hot-swap load test (a real HTTP client against a real server while adapters 
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,42 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         else:
             rows.append((name, value))
     return rows
+
+
+def quantisation_effect(detector_dir: str | os.PathLike[str], X: Any, *, zstd: bool = True) -> dict[str, float]:
+    """How much int8 adapter tensors change a detector's scores on ``X`` (rows, channels).
+
+    Packs the detector twice (fp32 and int8) with a throwaway key, unpacks both and scores ``X`` with each.
+    The threshold is the one calibrated in fp32 (it is what ships). Returns max/mean absolute score change,
+    the max change relative to the threshold, the share of rows whose alarm (score > threshold) agrees,
+    alarm counts, and payload bytes for fp32, int8 and int8 + zstd (when ``zstd``).
+    """
+    from edgepeft.delta import generate_key, pack_bundle, read_bundle, unpack_bundle
+    from edgepeft.detect.detector import AnomalyDetector
+
+    key = generate_key()
+    common: dict[str, Any] = {"asset_id": "quantisation-check", "version": "0", "release": 0}
+    with tempfile.TemporaryDirectory(prefix="edgepeft-quant-") as tmp:
+        fp32 = read_bundle(pack_bundle(detector_dir, key, **common))
+        int8 = read_bundle(pack_bundle(detector_dir, key, int8=True, **common))
+        reference = AnomalyDetector.load(unpack_bundle(fp32, Path(tmp) / "fp32", durable=False))
+        quantised = AnomalyDetector.load(unpack_bundle(int8, Path(tmp) / "int8", durable=False))
+    before, after = reference.score(X), quantised.score(X)
+    threshold = reference.threshold_
+    change = np.abs(after - before)
+    alarms_before, alarms_after = before > threshold, after > threshold
+    out = {
+        "rows": float(len(before)),
+        "max_abs_score_change": float(change.max()),
+        "mean_abs_score_change": float(change.mean()),
+        "max_change_over_threshold": float(change.max() / abs(threshold)) if threshold else float("nan"),
+        "alarm_agreement": float(np.mean(alarms_before == alarms_after)),
+        "alarms_fp32": float(alarms_before.sum()),
+        "alarms_int8": float(alarms_after.sum()),
+        "payload_bytes_fp32": float(len(fp32.payload)),
+        "payload_bytes_int8": float(len(int8.payload)),
+    }
+    if zstd:
+        packed = read_bundle(pack_bundle(detector_dir, key, int8=True, zstd=True, **common))
+        out["payload_bytes_int8_zstd"] = float(len(packed.payload))
+    return out

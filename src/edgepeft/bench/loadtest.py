@@ -57,12 +57,16 @@ class ServerProcess:
         token: write token (passed through a token file).
         args: extra ``serve`` options, e.g. ``["--engine", "onnx"]``.
         startup_s: how long to wait for ``/health`` to answer.
+        python: the interpreter to run it with (another venv's, e.g. a device install); default: this one.
+        env: extra environment variables for the server.
     """
 
     state_dir: Path
     token: str = TOKEN
     args: Sequence[str] = ()
     startup_s: float = 90.0
+    python: str = sys.executable
+    env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     log_path: Path | None = None
@@ -84,9 +88,9 @@ class ServerProcess:
         token_file.write_text(self.token + "\n")
         self.port = free_port()
         self.log_path = self.state_dir.parent / f".{self.state_dir.name}.server.log"
-        command = [sys.executable, "-m", "edgepeft.runtime", "serve", "--state", str(self.state_dir),
+        command = [self.python, "-m", "edgepeft.runtime", "serve", "--state", str(self.state_dir),
                    "--port", str(self.port), "--token-file", str(token_file), *self.args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + self.startup_s

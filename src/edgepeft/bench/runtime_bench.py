@@ -150,7 +150,7 @@ def scoring_throughput(rows_per_request: tuple[int, ...] = (32, 256, 4096), seco
     Also the score change int8 causes on a 2,000-row stream with a fault: max and median relative change,
     and the share of rows whose anomaly flag changes.
     """
-    from edgepeft.runtime.onnx import OnnxEngine
+    from edgepeft.runtime.onnx import open_onnx_engine
     from edgepeft.runtime.resident import ResidentBase, load_torch_version
 
     out: dict[str, Any] = {}
@@ -160,9 +160,9 @@ def scoring_throughput(rows_per_request: tuple[int, ...] = (32, 256, 4096), seco
         resident = ResidentBase.load("tiny")
         engines: dict[str, Callable[[], Any]] = {
             "torch": lambda: load_torch_version(resident, directory, asset_id="a", version="1"),
-            "onnx": lambda: OnnxEngine(resident, root / "onnx", threads=1).load(
+            "onnx": lambda: open_onnx_engine(resident, root / "onnx", threads=1).load(
                 directory, asset_id="a", version="1", release=1),
-            "onnx_int8": lambda: OnnxEngine(resident, root / "onnx", int8=True, threads=1).load(
+            "onnx_int8": lambda: open_onnx_engine(resident, root / "onnx", int8=True, threads=1).load(
                 directory, asset_id="a", version="1", release=1),
         }
         served = {name: make() for name, make in engines.items()}
@@ -215,12 +215,12 @@ def _memory_child(directory: str, mode: str, n_adapters: int, workdir: str) -> d
     import torch
 
     from edgepeft.detect.detector import AnomalyDetector
-    from edgepeft.runtime.onnx import OnnxEngine
+    from edgepeft.runtime.onnx import open_onnx_engine
     from edgepeft.runtime.resident import ResidentBase, load_torch_version
 
     torch.set_num_threads(1)
     resident = ResidentBase.load("tiny")
-    engine = OnnxEngine(resident, Path(workdir) / f"onnx-{mode}", threads=1)
+    engine = open_onnx_engine(resident, Path(workdir) / f"onnx-{mode}", threads=1)
 
     def load(index: int) -> Any:
         if mode == "torch":

@@ -13,11 +13,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from edgepeft.core.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # imported where used: a device install scores JSON rows without loading pandas
+    import pandas as pd
 
 TIME_NAMES = ("datetime", "timestamp", "time", "date")
 _BINARY_PROBE_BYTES = 8192
@@ -101,13 +104,14 @@ def validate_array(
     ``channels`` is what a detector was trained on: the data must match it (a DataFrame is reordered when only
     the column order differs). Unnamed arrays get ``ch0, ch1, ...`` unless ``channels`` names them.
 
+    >>> import pandas as pd
     >>> values, names = validate_array(pd.DataFrame({"b": [1.0, 2.0], "a": [3.0, 4.0]}), channels=["a", "b"])
     >>> values.tolist(), names
     ([[3.0, 1.0], [4.0, 2.0]], ['a', 'b'])
     >>> validate_array(np.arange(3.0))[1]
     ['ch0']
     """
-    if isinstance(X, pd.DataFrame):
+    if type(X).__module__.startswith("pandas") and hasattr(X, "columns"):  # a DataFrame, without importing pandas
         values, names = _frame_values(X, channels)
     else:
         values, names = _array_values(X, channels)
@@ -211,6 +215,8 @@ def _header_and_separator(text: str, path: Path) -> tuple[list[str], str]:
 
 def _parse(text: str, sep: str, header: list[str], path: Path) -> pd.DataFrame:
     """Parse with pandas, turning every pandas failure and every ragged row into a DataError."""
+    import pandas as pd
+
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", pd.errors.ParserWarning)
@@ -252,6 +258,8 @@ def _check_ragged(text: str, sep: str, n_columns: int, path: Path) -> None:
 
 def _find_time_column(frame: pd.DataFrame) -> str | None:
     """A column named like a timestamp, or a non-numeric first column that parses as dates."""
+    import pandas as pd
+
     for name in frame.columns:
         if name.strip().lower() in TIME_NAMES:
             return str(name)
@@ -270,6 +278,8 @@ def _find_time_column(frame: pd.DataFrame) -> str | None:
 
 def _numeric_column(column: pd.Series, name: str, path: Path, sep: str) -> np.ndarray:
     """A sensor column as float64, or a DataError showing a value that is not a number."""
+    import pandas as pd
+
     if pd.api.types.is_numeric_dtype(column):
         return column.to_numpy(dtype=np.float64)
     text = column.astype("string").str.strip()
@@ -290,6 +300,8 @@ def _numeric_column(column: pd.Series, name: str, path: Path, sep: str) -> np.nd
 
 def _extra_column(column: pd.Series) -> np.ndarray:
     """A dropped column kept for evaluation: floats when it is numeric, its strings otherwise."""
+    import pandas as pd
+
     if pd.api.types.is_numeric_dtype(column):
         return column.to_numpy(dtype=np.float64)
     numbers = pd.to_numeric(column, errors="coerce")
@@ -299,6 +311,8 @@ def _extra_column(column: pd.Series) -> np.ndarray:
 
 
 def _frame_values(frame: pd.DataFrame, channels: list[str] | None) -> tuple[np.ndarray, list[str]]:
+    import pandas as pd
+
     names = [str(name) for name in frame.columns]
     unnamed = isinstance(frame.columns, pd.RangeIndex)
     non_numeric = [str(name) for name in frame.columns if not pd.api.types.is_numeric_dtype(frame[name])]

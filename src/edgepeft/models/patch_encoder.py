@@ -327,7 +327,8 @@ class PatchEncoder(nn.Module):
         tags = self.channel_proj(self._channel_tags(channel_tags, n_channels, seq))  # (B, C, D)
         real = (seq + tags.unsqueeze(2)).transpose(1, 2).reshape(batch * n_tokens, n_channels, width)
         hidden = (blank + tags.unsqueeze(2)).transpose(1, 2).reshape(batch * n_tokens, n_channels, width)
-        eye = torch.eye(n_channels, dtype=torch.bool, device=seq.device)
+        index = torch.arange(n_channels, device=seq.device)  # not torch.eye: this exports with a dynamic C
+        eye = index[:, None] == index[None, :]
         allowed = torch.cat([~eye, eye], dim=1)  # (C, 2C): the others' real tokens and one's own blank
         out = self.channel_blocks[0](hidden, torch.cat([real, hidden], dim=1), allowed)  # (B*(N+1), C, D)
         out = out.reshape(batch, n_tokens, n_channels, width).transpose(1, 2)  # (B, C, N+1, D)

@@ -29,6 +29,9 @@ def serve(
                                         "(other methods fall back to torch).")] = "torch",
     int8: Annotated[bool, typer.Option("--int8/--no-int8", help="With --engine onnx: int8 dynamically quantised "
                                        "base graph.")] = False,
+    graph: Annotated[Path | None, typer.Option(
+        "--graph", help="With --engine onnx: the scoring graph to serve (`edgepeft export-onnx`); what a device "
+        "install without torch serves.")] = None,
     cache_mb: Annotated[float, typer.Option(help="RAM budget of loaded adapters (LRU, reloaded on demand).")
                         ] = 256.0,
     threads: Annotated[int, typer.Option(help="torch / ONNX Runtime threads per request. 1 suits small models: "
@@ -45,13 +48,15 @@ def serve(
     from edgepeft.runtime.service import DeviceRuntime, RuntimeConfig
 
     config = RuntimeConfig(state_dir=state, base=base, engine=engine, cache_mb=cache_mb,
-                           trusted_keys=list(trusted_key or []), onnx_int8=int8, threads=threads,
+                           trusted_keys=list(trusted_key or []), onnx_int8=int8, graph=graph, threads=threads,
                            scoring_workers=scoring_workers)
     token, token_source = resolve_token(token_file, state)
     runtime = DeviceRuntime.open(config)
-    # Hugging Face peft (LoRA, DoRA, IA3 adapters) takes seconds to import; a server that has not loaded such an
-    # adapter yet would pay that inside its first install. Import it now, before settle() freezes what is loaded.
-    import peft  # noqa: F401
+    if graph is None:
+        # Hugging Face peft (LoRA, DoRA, IA3 adapters) takes seconds to import; a server that has not loaded such
+        # an adapter yet would pay that inside its first install. Import it now, before settle() freezes what is
+        # loaded. A server of a graph never imports torch or peft.
+        import peft  # noqa: F401
 
     runtime.settle()
     app = create_app(runtime, token)
@@ -76,7 +81,8 @@ def export_onnx(
     int8: Annotated[bool, typer.Option("--int8/--no-int8", help="Also write OUT with .int8.onnx: dynamic int8 "
                                        "quantisation.")] = False,
 ) -> None:
-    """Export an ONNX model: the shared base graph with LoRA inputs, or one asset's merged model."""
+    """Export an ONNX model: the shared scoring graph with LoRA inputs (what `serve --engine onnx --graph` serves,
+    with or without torch), or one asset's merged model."""
     from rich.console import Console
 
     from edgepeft.runtime.onnx import export_lora_graph, export_merged, quantize_int8

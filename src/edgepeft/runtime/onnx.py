@@ -1,36 +1,25 @@
-"""ONNX Runtime path: one exported base graph shared by every LoRA adapter, swapped per call.
+"""Exporting ONNX models (the training side: needs torch). Serving them is :mod:`edgepeft.runtime.ort`.
 
-The base is exported once with each adapted Linear computing ``W x + b + B (A x)`` where ``A`` and ``B`` are
-*graph inputs* (``<module>.lora_A`` (r, in), ``<module>.lora_B`` (out, r), rank dynamic), and the asset's channel
-identity tags are an input too (``channel_tags`` (C, d_channel)). An adapter is then only data: its tensors go
-into an ONNX Runtime adapter file (``onnxruntime.AdapterFormat``), loaded as a ``LoraAdapter`` and activated per
-call with ``RunOptions.add_active_adapter``. Swapping adapters never rebuilds a session (milliseconds each), and
-the base weights exist once, inside the one session.
-
-Details that keep it exact:
-- LoRA's ``alpha / r`` scaling is folded into ``B`` when the adapter file is written, so adapters of any rank
-  and alpha share the graph;
-- graphs are keyed by the set of adapted module names (``q``/``v`` by default); modules a graph adapts but an
-  adapter does not get zero ``A``/``B`` (rank 1), which adds exactly nothing;
-- inputs are ``x`` (B, L, C) float32 and ``hidden`` (B, C, N) bool with batch and channels dynamic; ``L`` is
-  fixed to the base's window length, as in the detector.
-
-DoRA, IA3 and the non-LoRA methods have no adapter-as-input graph: the engine serves them with torch and says
-so (``engine`` and ``note`` in the asset listing). :func:`export_merged` writes a standalone per-asset model of
-any method (adapter merged into the weights where the method can merge). :func:`quantize_int8` applies dynamic
-int8 quantisation (weights of the base graph; the LoRA inputs stay float).
+- :func:`export_lora_graph`: the shared scoring graph of a base, with LoRA A/B and channel tags as inputs and
+  the forecast and blind predictions as outputs; every LoRA adapter of that base is served from it, on a device
+  with or without torch (``edgepeft export-onnx base.onnx``, then ``edgepeft serve --graph base.onnx``).
+  Inputs are ``x`` (B, L, C) float32 and ``hidden`` (B, C, N) bool with batch and channels dynamic; ``L`` is fixed
+  to the base's window length, as in the detector.
+- :func:`export_merged`: a standalone per-asset model of any method (adapter merged into the weights where the
+  method can merge), ``recon`` = the model's forward pass.
+- :func:`quantize_int8`: dynamic int8 quantisation (weights of the base graph; the LoRA inputs stay float).
+- :func:`open_onnx_engine`: the ONNX engine of a torch install (graph exported on first use; DoRA, IA3 and the
+  non-LoRA methods, which have no adapter-as-input graph, served by torch and noted in the asset listing).
 
 Example:
-    >>> engine = OnnxEngine(ResidentBase.load("tiny"), Path("STATE/onnx"))          # doctest: +SKIP
+    >>> engine = open_onnx_engine(ResidentBase.load("tiny"), Path("STATE/onnx"))        # doctest: +SKIP
     >>> served = engine.load(Path("adapters/v1"), asset_id="pump-1", version="1", release=1)  # doctest: +SKIP
     >>> served.engine, served.score_all(rows)["score"].shape                         # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import os
 import tempfile
@@ -43,26 +32,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgepeft.core.errors import ArtifactError, ModelError, OutputError
+from edgepeft.core.errors import ModelError, OutputError
 from edgepeft.detect.detector import AnomalyDetector
-from edgepeft.peft import get_method
-from edgepeft.runtime.resident import (
-    ResidentBase,
-    SavedDetector,
-    ServingModel,
-    as_saved,
-    check_compatible,
-    load_torch_version,
+from edgepeft.runtime.ort import (
+    GRAPH_OUTPUTS,
+    TAGS_INPUT,
+    GraphBase,
+    OnnxEngine,
+    graph_metadata,
+    lora_input_names,
 )
+from edgepeft.runtime.resident import ResidentBase, load_torch_version, smoke_forecast
+from edgepeft.runtime.serving import SavedDetector, ServingModel
 
 OPSET = 17  # scaled_dot_product_attention exports from 14; 17 has LayerNormalization as one node
-PEFT_PREFIX = "base_model.model."
-TAGS_INPUT = "channel_tags"
-# A served ONNX version is a LoraAdapter (its tensors, memory-mapped) plus a few small Python objects: the
-# adapter_memory benchmark measured 22 KB of RSS per tiny-base LoRA adapter, against 66 KB of adapter tensors.
-ORT_OVERHEAD_BYTES = 8 * 1024
-# peft LoRA settings the adapter-as-input graph computes exactly; anything else falls back to torch.
-_PLAIN_LORA = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False}
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -81,7 +64,9 @@ class _InputLoraLinear(nn.Module):
 
 
 class _LoraGraph(nn.Module):
-    """The encoder with LoRA A/B of ``modules`` taken from the forward arguments, for tracing."""
+    """The encoder with LoRA A/B of ``modules`` taken from the forward arguments, for tracing. It computes the
+    scoring core's two predictions in one pass (forecast and blind), so the ONNX engine is linear in channels
+    like the torch one."""
 
     def __init__(self, encoder: nn.Module, modules: list[str]) -> None:
         super().__init__()
@@ -99,19 +84,19 @@ class _LoraGraph(nn.Module):
             self.layers.append(wrapped)
 
     def forward(self, x: torch.Tensor, hidden: torch.Tensor, channel_tags: torch.Tensor,
-                *lora: torch.Tensor) -> torch.Tensor:
+                *lora: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two predictions the scoring core reads, as :meth:`AnomalyDetector._predict` makes them: the
+        forecast (B, L, C) and every channel's blind prediction (B, L, C), from one temporal pass."""
         for index, layer in enumerate(self.layers):
             layer.lora = (lora[2 * index], lora[2 * index + 1])
-        return self.encoder(x, hidden, channel_tags)
-
-
-def lora_input_names(modules: list[str]) -> list[str]:
-    """Graph input names of the LoRA tensors of ``modules``: A then B per module."""
-    return [f"{name}.{part}" for name in modules for part in ("lora_A", "lora_B")]
+        feats, mean, std = self.encoder.temporal_features(x, hidden)
+        forecast = self.encoder.mix(feats, mean, std, channel_tags)
+        blank = self.encoder.temporal_features(torch.zeros_like(x[:1, :, :1]), torch.ones_like(hidden[:1, :1]))[0]
+        return forecast, self.encoder.blind_mix(feats, blank[0, 0], channel_tags)
 
 
 def _trace(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: list[str],
-           dynamic_axes: dict[str, dict[int, str]]) -> bytes:
+           dynamic_axes: dict[str, dict[int, str]], output_names: tuple[str, ...] = ("recon",)) -> bytes:
     """Trace ``module`` to ONNX bytes."""
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
@@ -119,7 +104,7 @@ def _trace(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: list[
         # constant; both are expected (L is fixed per base by design, and onnxscript is not installed).
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, buffer, dynamo=False, opset_version=OPSET, input_names=input_names,
-                          output_names=["recon"], dynamic_axes=dynamic_axes, do_constant_folding=True)
+                          output_names=list(output_names), dynamic_axes=dynamic_axes, do_constant_folding=True)
     return buffer.getvalue()
 
 
@@ -135,11 +120,15 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 def export_lora_graph(resident: ResidentBase, out: str | Path, modules: list[str] | None = None) -> Path:
-    """Export the shared base graph with LoRA A/B inputs for ``modules`` (default: every attention q and v).
+    """Export the shared base graph with LoRA A/B inputs for ``modules`` (default: every attention q and v): the
+    scoring graph a device serves every LoRA adapter of this base with, torch-free (:mod:`edgepeft.runtime.ort`).
 
-    The LoRA and tag inputs get zero defaults (overridable initializers: rank-1 zero A/B, one zero tag row that
-    broadcasts over channels), so the graph runs as the bare base when no adapter is active, and ONNX Runtime
-    treats them as optional inputs that an active ``LoraAdapter`` supplies.
+    Inputs ``x`` (B, L, C), ``hidden`` (B, C, N), ``channel_tags`` (C, d) and the LoRA tensors; outputs
+    ``forecast`` and ``blind`` (B, L, C). The LoRA and tag inputs get zero defaults (overridable initializers:
+    rank-1 zero A/B, one zero tag row that broadcasts over channels), so the graph runs as the bare base when no
+    adapter is active, and ONNX Runtime treats them as optional inputs that an active ``LoraAdapter`` supplies.
+    The graph names its base in its metadata (name, weights sha256, window and patch length, LoRA modules and
+    their shapes): a device binds bundles to it exactly as it would to the torch base.
     """
     import onnx
     from onnx import numpy_helper
@@ -147,6 +136,9 @@ def export_lora_graph(resident: ResidentBase, out: str | Path, modules: list[str
     encoder = resident.private_copy()  # the graph wrapper replaces submodules; never touch the resident tree
     if modules is None:
         modules = default_lora_modules(encoder)
+    if len(encoder.channel_blocks) != 1:
+        raise ModelError(f"base {resident.name!r} has {len(encoder.channel_blocks)} cross-channel blocks; the "
+                         "one-pass scoring graph needs exactly one")
     graph = _LoraGraph(encoder, modules).eval()
     batch, n_channels = 2, 3
     x = torch.randn(batch, resident.window_len, n_channels)
@@ -154,20 +146,28 @@ def export_lora_graph(resident: ResidentBase, out: str | Path, modules: list[str
     tags = torch.randn(n_channels, encoder.cfg.d_channel)
     lora: list[torch.Tensor] = []
     defaults: dict[str, np.ndarray] = {TAGS_INPUT: np.zeros((1, encoder.cfg.d_channel), np.float32)}
+    shapes: dict[str, list[int]] = {}
     for name, layer in zip(modules, graph.layers, strict=True):
         rank = 2  # any rank: the axis is dynamic
         lora += [torch.randn(rank, layer.base.in_features), torch.randn(layer.base.out_features, rank)]
         defaults[f"{name}.lora_A"] = np.zeros((1, layer.base.in_features), np.float32)
         defaults[f"{name}.lora_B"] = np.zeros((layer.base.out_features, 1), np.float32)
+        shapes[name] = [layer.base.in_features, layer.base.out_features]
     names = lora_input_names(modules)
     axes: dict[str, dict[int, str]] = {
         "x": {0: "batch", 2: "channels"}, "hidden": {0: "batch", 1: "channels"}, TAGS_INPUT: {0: "channels"},
-        "recon": {0: "batch", 2: "channels"},
+        "forecast": {0: "batch", 2: "channels"}, "blind": {0: "batch", 2: "channels"},
     }
     for name in names:
         axes[name] = {0: "rank"} if name.endswith("lora_A") else {1: "rank"}
-    model = onnx.load_from_string(_trace(graph, (x, hidden, tags, *lora), ["x", "hidden", TAGS_INPUT, *names], axes))
+    model = onnx.load_from_string(_trace(graph, (x, hidden, tags, *lora), ["x", "hidden", TAGS_INPUT, *names], axes,
+                                         output_names=GRAPH_OUTPUTS))
     model.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in defaults.items())
+    metadata = graph_metadata(resident.name, resident.sha256, resident.window_len, resident.patch_len,
+                              encoder.cfg.d_channel, shapes)
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
     return _write(Path(out), model.SerializeToString())
 
 
@@ -226,194 +226,31 @@ def quantize_int8(source: str | Path, out: str | Path) -> Path:
     return out
 
 
-# ---------------------------------------------------------------------------------------------- adapters
-def read_lora(saved: SavedDetector) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray]:
-    """An adapter's LoRA tensors by module name, as ``(A, scaling * B)`` float32, and its channel tags.
-
-    Raises ModelError when the adapter is not plain LoRA (the caller falls back to torch).
-    """
-    from edgepeft.peft.base import TAGS_FILE
-
-    try:
-        config = json.loads(saved.texts["adapter_config.json"])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"adapter_config.json in {saved.source} is missing or not JSON ({exc}); "
-                            "reinstall the bundle") from exc
-    if config.get("peft_type") != "LORA":
-        raise ModelError(f"peft type {config.get('peft_type')!r} has no adapter-as-input ONNX graph")
-    for key, plain in _PLAIN_LORA.items():
-        if config.get(key, plain) != plain:
-            raise ModelError(f"LoRA with {key}={config.get(key)!r} has no adapter-as-input ONNX graph")
-    if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("modules_to_save"):
-        raise ModelError("LoRA with per-module ranks or extra trained modules has no adapter-as-input ONNX graph")
-    rank, alpha = int(config["r"]), float(config["lora_alpha"])
-    scaling = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
-    try:
-        state = saved.tensors["adapter_model.safetensors"]
-        tags = saved.tensors[TAGS_FILE]["channel_tags"].float().numpy()
-    except KeyError as exc:
-        raise ArtifactError(f"the adapter in {saved.source} lacks {exc}; reinstall the bundle") from None
-    lora: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for key in state:
-        if not key.endswith(".lora_A.weight"):
-            continue
-        module = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
-        key_b = key.replace(".lora_A.weight", ".lora_B.weight")
-        if key_b not in state:
-            raise ArtifactError(f"adapter has {key} but no {key_b}; it is corrupt, reinstall the bundle")
-        lora[module] = (state[key].float().numpy(), (state[key_b].float() * scaling).numpy())
-    unknown = [k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
-    if unknown:
-        raise ModelError(f"adapter trains more than LoRA matrices ({unknown[:2]}); no adapter-as-input ONNX graph")
-    if not lora:
-        raise ArtifactError(f"{saved.source} holds no LoRA tensors; reinstall the bundle")
-    return lora, tags
+# ---------------------------------------------------------------------------------------------- engine
+def graph_path(resident: ResidentBase, workdir: str | Path, int8: bool = False) -> Path:
+    """Where a torch install keeps the scoring graph it exported for ``resident`` (derived data, keyed by the
+    base's weights hash)."""
+    return Path(workdir) / f"{resident.name}-{resident.sha256[:16]}{'.int8' if int8 else ''}.onnx"
 
 
-class OrtModel:
-    """The detector-facing model of one adapter version: the shared session plus this version's adapter.
+def open_onnx_engine(resident: ResidentBase, workdir: str | Path, *, int8: bool = False,
+                     threads: int | None = None) -> OnnxEngine:
+    """The ONNX engine of a torch install: the scoring graph of ``resident`` (exported on first use, int8
+    quantised when asked), and the torch engine for the methods the graph cannot serve."""
+    path = graph_path(resident, workdir, int8)
+    with _EXPORT_LOCK:
+        if not path.exists():
+            fp32 = export_lora_graph(resident, path.with_suffix(".fp32.tmp.onnx") if int8 else path)
+            if int8:
+                quantize_int8(fp32, path)
+                fp32.unlink()
+    graph = GraphBase.load(path, threads)
 
-    Called like the torch model (``model(x, hidden)`` on (B, L, C) / (B, C, N) tensors); ``eval`` and
-    ``get_base_model`` exist because :class:`AnomalyDetector` calls them.
-    """
+    def fallback(saved: SavedDetector, **kwargs: Any) -> ServingModel:
+        return load_torch_version(resident, saved, **kwargs)
 
-    def __init__(self, session: Any, adapter: Any, window_len: int, patch_len: int) -> None:
-        self.session = session
-        self.adapter = adapter
-        self.window_len = window_len
-        self.patch_len = patch_len
-
-    def __call__(self, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        import onnxruntime as ort
-
-        options = ort.RunOptions()  # per call: cheap, and never shared between concurrent runs
-        options.add_active_adapter(self.adapter)
-        (recon,) = self.session.run(["recon"], {"x": x.numpy(), "hidden": hidden.numpy()}, options)
-        return torch.from_numpy(recon)
-
-    def eval(self) -> OrtModel:
-        return self
-
-    def get_base_model(self) -> OrtModel:
-        return self
+    return OnnxEngine(graph, workdir, fallback=fallback,
+                      smoke_fallback=lambda served: smoke_forecast(resident, served).numpy())
 
 
-class OnnxEngine:
-    """Serve LoRA adapters through one ONNX Runtime session per graph; other methods through torch.
-
-    Args:
-        resident: the resident base (exported once per set of adapted modules, cached under ``workdir``).
-        workdir: where graphs and adapter files go (``STATE/onnx``); derived data, safe to delete.
-        int8: run the dynamically int8-quantised graph.
-        threads: ONNX Runtime intra-op threads (None: its default).
-    """
-
-    name = "onnx"
-
-    def __init__(self, resident: ResidentBase, workdir: str | Path, *, int8: bool = False,
-                 threads: int | None = None) -> None:
-        self.resident = resident
-        self.workdir = Path(workdir)
-        self.int8 = int8
-        self.threads = threads
-        self._sessions: dict[tuple[str, ...], Any] = {}
-        self._lock = threading.Lock()
-
-    def idle(self) -> None:
-        """Nothing to prepare: sessions are built once per graph and reused."""
-
-    def close(self) -> None:
-        """Nothing runs in the background."""
-
-    def graph_path(self, modules: tuple[str, ...]) -> Path:
-        key = hashlib.sha256((self.resident.sha256 + "|" + ",".join(modules)).encode()).hexdigest()[:16]
-        return self.workdir / f"{self.resident.name}-lora-{key}{'.int8' if self.int8 else ''}.onnx"
-
-    def session(self, modules: tuple[str, ...]) -> Any:
-        """The session of the graph adapting ``modules``, exported and created on first use."""
-        with self._lock:
-            if modules not in self._sessions:
-                import onnxruntime as ort
-
-                path = self.graph_path(modules)
-                if not path.exists():
-                    fp32 = export_lora_graph(self.resident, path.with_suffix(".fp32.tmp.onnx") if self.int8 else path,
-                                             list(modules))
-                    if self.int8:
-                        quantize_int8(fp32, path)
-                        fp32.unlink()
-                options = ort.SessionOptions()
-                # The LoRA inputs have defaults, which ORT reports once per input at warning level.
-                options.log_severity_level = 3
-                if self.threads is not None:
-                    options.intra_op_num_threads = self.threads
-                    options.inter_op_num_threads = 1
-                self._sessions[modules] = ort.InferenceSession(str(path), options,
-                                                               providers=["CPUExecutionProvider"])
-            return self._sessions[modules]
-
-    def load(self, source: Path | SavedDetector, *, asset_id: str, version: str, release: int) -> ServingModel:
-        saved = as_saved(source)
-        det = saved.detector
-        check_compatible(det, self.resident, saved.source)
-        try:
-            lora, tags = read_lora(saved) if det.peft_config_.method == "lora" else (None, None)
-            if lora is None:
-                raise ModelError(f"method {det.peft_config_.method!r} has no adapter-as-input ONNX graph "
-                                 "(LoRA only)")
-        except ModelError as exc:
-            return load_torch_version(self.resident, saved, asset_id=asset_id, version=version,
-                                      release=release, note=f"served by torch: {exc}")
-        if not all(np.isfinite(a).all() and np.isfinite(b).all() for a, b in lora.values()) or \
-                not np.isfinite(tags).all():
-            raise ModelError(f"adapter in {saved.source} has non-finite weights; it was not loaded")
-        if tags.shape[0] != det.n_channels_:
-            raise ArtifactError(f"adapter has tags for {tags.shape[0]} channels but the detector has "
-                                f"{det.n_channels_}; reinstall the bundle")
-        modules = self._graph_modules(sorted(lora))
-        session = self.session(modules)
-        adapter, nbytes = self._write_adapter(asset_id, version, modules, lora, tags)
-        det.model_ = OrtModel(session, adapter, self.resident.window_len, self.resident.patch_len)
-        det.method_ = get_method("lora")
-        return ServingModel(asset_id=asset_id, version=version, release=release, method="lora", engine="onnx",
-                            detector=det, private_bytes=nbytes + ORT_OVERHEAD_BYTES)
-
-    def _graph_modules(self, adapted: list[str]) -> tuple[str, ...]:
-        """The graph to use: the default q/v one when it covers ``adapted``, else one for exactly these."""
-        default = tuple(default_lora_modules(self.resident.module))
-        return default if set(adapted) <= set(default) else tuple(adapted)
-
-    def _write_adapter(self, asset_id: str, version: str, modules: tuple[str, ...],
-                       lora: dict[str, tuple[np.ndarray, np.ndarray]], tags: np.ndarray) -> tuple[Any, int]:
-        """Write this version's ONNX Runtime adapter file (rebuilt on every load, so never stale) and load it."""
-        import onnxruntime as ort
-
-        arrays: dict[str, np.ndarray] = {TAGS_INPUT: np.ascontiguousarray(tags, dtype=np.float32)}
-        encoder = self.resident.module
-        for name in modules:
-            if name in lora:
-                lora_a, lora_b = lora[name]
-            else:  # adapted by the graph, not by this adapter: a rank-1 zero update adds exactly nothing
-                linear = encoder.get_submodule(name)
-                lora_a = np.zeros((1, linear.in_features), np.float32)
-                lora_b = np.zeros((linear.out_features, 1), np.float32)
-            arrays[f"{name}.lora_A"] = np.ascontiguousarray(lora_a, dtype=np.float32)
-            arrays[f"{name}.lora_B"] = np.ascontiguousarray(lora_b, dtype=np.float32)
-        values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
-        adapter_format = ort.AdapterFormat()
-        adapter_format.set_adapter_version(1)
-        adapter_format.set_model_version(1)
-        adapter_format.set_parameters(values)
-        path = self.workdir / "adapters" / asset_id / f"{version}.onnx_adapter"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            adapter_format.export_adapter(tmp)  # ``arrays`` and ``values`` are alive until here (they must be)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        adapter = ort.LoraAdapter()
-        adapter.Load(str(path))
-        return adapter, sum(a.nbytes for a in arrays.values())
+_EXPORT_LOCK = threading.Lock()

@@ -29,24 +29,19 @@ import copy
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from edgepeft.core.config import read_json
-from edgepeft.core.errors import ArtifactError, ModelError
-from edgepeft.detect.core import ADAPTER_DIR, DETECTOR_FILE, SCHEMA_VERSIONS
+from edgepeft.core.errors import ModelError
 from edgepeft.detect.detector import AnomalyDetector
 from edgepeft.models.registry import load_base, state_sha256
 from edgepeft.peft import PeftConfig, PeftMethod, get_method
-from edgepeft.peft.base import AdapterTensors, DeltaLoader
-
-if TYPE_CHECKING:
-    from edgepeft.delta import BundleFiles
+from edgepeft.peft.base import DeltaLoader
+from edgepeft.runtime.serving import SavedDetector, ServingModel, as_saved, check_base, non_finite
 
 # What a resident torch model costs beyond its own tensors: the Python objects of its module tree (every nn.Module
 # carries a dozen dicts) and peft's wrappers. `edgepeft.bench.runtime_bench.adapter_memory` measured 355 KB of RSS per
@@ -149,69 +144,6 @@ class ResidentBase:
         return total
 
 
-def read_detector(directory: str | Path) -> AnomalyDetector:
-    """The fitted numbers of a saved detector (everything but its model), read as ``AnomalyDetector.load`` does.
-
-    The model is built separately, on the resident base, by :func:`load_torch_version` or the ONNX engine.
-    """
-    directory = Path(directory)
-    if not (directory / DETECTOR_FILE).exists():
-        raise ArtifactError(f"{directory} is not an edgepeft detector (no {DETECTOR_FILE}); reinstall the bundle")
-    state = read_json(directory / DETECTOR_FILE, versions=SCHEMA_VERSIONS)
-    return AnomalyDetector.from_state(state, directory / DETECTOR_FILE)
-
-
-@dataclass(frozen=True)
-class SavedDetector:
-    """One saved detector, read into memory: its fitted numbers and its adapter folder's files.
-
-    Attributes:
-        detector: the detector's fitted numbers, no model yet (the engine builds one on the resident base).
-        tensors: the adapter's safetensors files by file name, each ``{tensor name: tensor}``.
-        texts: the adapter's text files by file name (peft's ``adapter_config.json``).
-        source: where it was read from, for messages.
-    """
-
-    detector: AnomalyDetector
-    tensors: AdapterTensors
-    texts: dict[str, str]
-    source: str
-
-    @classmethod
-    def from_directory(cls, directory: str | Path) -> SavedDetector:
-        """Read a detector folder that ``AnomalyDetector.save`` (or ``unpack_bundle``) wrote."""
-        from edgepeft.peft.base import _load_tensors
-
-        directory = Path(directory)
-        det = read_detector(directory)
-        adapter_dir = directory / ADAPTER_DIR
-        names = get_method(det.peft_config_.method).tensor_files
-        texts = {path.name: path.read_text() for path in sorted(adapter_dir.glob("*.json")) if path.is_file()}
-        return cls(det, {name: _load_tensors(adapter_dir / name) for name in names}, texts, str(directory))
-
-    @classmethod
-    def from_bundle(cls, files: BundleFiles, source: str) -> SavedDetector:
-        """Use the contents of a verified bundle (:func:`edgepeft.delta.bundle_files`) without writing them out."""
-        det = AnomalyDetector.from_state(files.state, source)
-        tensors = {name: {key: torch.from_numpy(array) for key, array in arrays.items()}
-                   for name, arrays in files.tensors.items()}
-        return cls(det, tensors, dict(files.texts), source)
-
-
-def as_saved(source: str | Path | SavedDetector) -> SavedDetector:
-    """A SavedDetector as is, or one read from a detector folder."""
-    return source if isinstance(source, SavedDetector) else SavedDetector.from_directory(source)
-
-
-def check_compatible(det: AnomalyDetector, resident: ResidentBase, where: str | Path) -> None:
-    """Refuse a detector trained on another base: its delta would run on weights it never saw."""
-    if det.base != resident.name or det.base_sha256_ != resident.sha256:
-        raise ModelError(
-            f"adapter in {where} was trained on base {det.base!r} (sha256 {det.base_sha256_[:12]}…) but this "
-            f"runtime serves base {resident.name!r} (sha256 {resident.sha256[:12]}…); re-adapt it on this base"
-        )
-
-
 def torch_skeleton(resident: ResidentBase, config: PeftConfig, n_channels: int) -> nn.Module:
     """The adapted model's structure on the resident base, before any adapter weights are loaded.
 
@@ -259,7 +191,7 @@ def temporal_is_base(resident: ResidentBase, model: nn.Module) -> bool:
 
 
 def build_torch_model(
-    resident: ResidentBase, saved: SavedDetector, skeleton: Skeleton | None = None
+    resident: ResidentBase, saved: SavedDetector, config: PeftConfig, n_channels: int, skeleton: Skeleton | None = None
 ) -> Skeleton:
     """The adapted torch model of one saved detector, its frozen tensors aliasing the resident base.
 
@@ -267,24 +199,15 @@ def build_torch_model(
     weights are loaded into it. Without one, it is built here. Either way the result is the same; it is returned
     with the adapter loaded.
     """
-    det = saved.detector
-    skeleton = skeleton or Skeleton.build(resident, det.peft_config_, det.n_channels_)
-    # A NaN in an adapter weight need not show in a smoke-test score (a NaN query entry can vanish in
-    # attention over constant input), so the adapter's weights themselves are checked. They are the only
-    # tensors the load brings: everything else in the model is the checked base or the method's own init.
-    bad = [f"{file}/{name}" for file, tensors in saved.tensors.items() for name, tensor in tensors.items()
-           if tensor.is_floating_point() and not _finite(tensor)]
-    if bad:
-        raise ModelError(f"adapter in {saved.source} has non-finite weights ({bad[0]}); it was not loaded")
-    skeleton.load(saved.tensors)
+    skeleton = skeleton or Skeleton.build(resident, config, n_channels)
+    # They are the only tensors the load brings: everything else in the model is the checked base or the
+    # method's own init.
+    bad = non_finite(saved)
+    if bad is not None:
+        raise ModelError(f"adapter in {saved.source} has non-finite weights ({bad}); it was not loaded")
+    skeleton.load({name: {key: torch.from_numpy(array) for key, array in arrays.items()}
+                   for name, arrays in saved.tensors.items()})
     return skeleton
-
-
-def _finite(tensor: torch.Tensor) -> bool:
-    # numpy's check is several times cheaper than torch's on the small tensors of an adapter.
-    if tensor.dtype in (torch.float32, torch.float64, torch.float16) and not tensor.requires_grad:
-        return bool(np.isfinite(tensor.numpy()).all())
-    return bool(torch.isfinite(tensor).all())
 
 
 def skeleton_key(config: PeftConfig, n_channels: int) -> str:
@@ -439,58 +362,6 @@ class FrozenModel:
         return self.encoder
 
 
-@dataclass(frozen=True)
-class ServingModel:
-    """One installed adapter version, ready to score. Immutable: a swap replaces the object, never its weights.
-
-    A request that picked this object finishes on it even if the asset is switched to another version meanwhile.
-
-    Attributes:
-        asset_id: the asset it serves.
-        version: the adapter version (as in the bundle manifest).
-        release: the bundle's release counter.
-        method: PEFT method name.
-        engine: ``torch`` or ``onnx`` (the engine that actually runs it).
-        detector: the fitted detector whose ``model_`` computes the reconstructions.
-        private_bytes: bytes this version adds to the process (its own tensors plus a fixed overhead).
-        note: why it runs on a different engine than asked, if it does.
-    """
-
-    asset_id: str
-    version: str
-    release: int
-    method: str
-    engine: str
-    detector: AnomalyDetector = field(repr=False, compare=False)
-    private_bytes: int = 0
-    note: str = ""
-
-    @property
-    def n_channels(self) -> int:
-        return int(self.detector.n_channels_)
-
-    @property
-    def channels(self) -> list[str]:
-        return list(self.detector.channels_)
-
-    def score_all(self, rows: Any, explain: bool = False) -> dict[str, Any]:
-        """score, p_anomaly and anomaly per row (and ``top_channels`` with ``explain``), exactly as the detector
-        computes them offline."""
-        return self.detector.score_all(rows, explain=explain)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "release": self.release,
-            "method": self.method,
-            "engine": self.engine,
-            "channels": self.channels,
-            "threshold": float(self.detector.threshold_),
-            "private_bytes": self.private_bytes,
-            **({"note": self.note} if self.note else {}),
-        }
-
-
 def load_torch_version(
     resident: ResidentBase,
     source: str | Path | SavedDetector,
@@ -503,10 +374,10 @@ def load_torch_version(
 ) -> ServingModel:
     """Build the serving model of a saved detector (a folder, or one read from a bundle) on the resident base."""
     saved = as_saved(source)
-    det = saved.detector
-    check_compatible(det, resident, saved.source)
+    check_base(saved, resident.name, resident.sha256)
+    det = AnomalyDetector.from_state(saved.state, saved.source)
     skeleton = pool.take(det.peft_config_, det.n_channels_) if pool is not None else None
-    loaded = build_torch_model(resident, saved, skeleton)
+    loaded = build_torch_model(resident, saved, det.peft_config_, det.n_channels_, skeleton)
     if pool is not None:
         pool.want(det.peft_config_, det.n_channels_)
     det.model_ = FrozenModel(loaded.model, temporal_is_base=loaded.temporal_is_base)

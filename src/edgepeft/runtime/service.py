@@ -38,18 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from edgepeft.core.config import fsync_dir
 from edgepeft.core.errors import ArtifactError, ConfigError, ModelError, OutputError
 from edgepeft.runtime.cache import AdapterCache
 from edgepeft.runtime.metrics import Metrics
-from edgepeft.runtime.resident import (
-    ResidentBase,
-    SavedDetector,
-    ServingModel,
-    SkeletonPool,
-    load_torch_version,
-    smoke_forecast,
-)
+from edgepeft.runtime.serving import SavedDetector, ServingModel
 from edgepeft.runtime.state import (
     AssetRecord,
     DamagedVersionError,
@@ -74,7 +69,9 @@ class RuntimeConfig:
         state_dir: folder holding state.json and the installed versions (created if missing).
         base: the resident base model every adapter must have been trained on.
         engine: ``torch``, or ``onnx`` to run LoRA adapters through one ONNX Runtime graph (other methods
-            fall back to torch, noted in the asset listing).
+            fall back to torch where it is installed, noted in the asset listing).
+        graph: with the onnx engine, the scoring graph to serve (``edgepeft export-onnx``); required on a device
+            install without torch, where it is the resident base (else exported from the torch base).
         cache_mb: RAM budget of loaded adapters; least recently used ones are dropped and reloaded on demand.
         trusted_keys: public key files (PEM) whose signatures this device accepts on bundles.
         onnx_int8: with the onnx engine, run the int8 dynamically quantised base graph.
@@ -89,6 +86,7 @@ class RuntimeConfig:
     cache_mb: float = 256.0
     trusted_keys: Sequence[str | Path] = field(default_factory=list)
     onnx_int8: bool = False
+    graph: str | Path | None = None
     threads: int | None = None
     scoring_workers: int = 1
     warm: bool = True
@@ -102,6 +100,8 @@ class RuntimeConfig:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.scoring_workers < 1:
             raise ConfigError(f"scoring_workers must be >= 1, got {self.scoring_workers}")
+        if self.graph is not None and self.engine != "onnx":
+            raise ConfigError("a graph is served by the onnx engine; pass engine='onnx' (--engine onnx) with it")
 
 
 logger = logging.getLogger("edgepeft.runtime")
@@ -112,6 +112,10 @@ class Engine(Protocol):
     name: str
 
     def load(self, source: SavedDetector, *, asset_id: str, version: str, release: int) -> ServingModel: ...
+
+    def smoke(self, served: ServingModel) -> np.ndarray:
+        """(1, L, C) forecast of a flat window whose last patch is forecast: what an install's smoke test checks."""
+        ...
 
     def idle(self) -> None:
         """Work that is best done off the request path (called once each write is done)."""
@@ -127,14 +131,23 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, resident: ResidentBase) -> None:
+    def __init__(self, resident: Any) -> None:
+        from edgepeft.runtime.resident import SkeletonPool
+
         self.resident = resident
         # Spare skeletons make an install or a reload of an evicted version a weight load, not a model build.
         self.pool = SkeletonPool(resident)
 
     def load(self, source: SavedDetector, *, asset_id: str, version: str, release: int) -> ServingModel:
+        from edgepeft.runtime.resident import load_torch_version
+
         return load_torch_version(self.resident, source, asset_id=asset_id, version=version, release=release,
                                   pool=self.pool)
+
+    def smoke(self, served: ServingModel) -> np.ndarray:
+        from edgepeft.runtime.resident import smoke_forecast
+
+        return smoke_forecast(self.resident, served).numpy()
 
     def idle(self) -> None:
         self.pool.refill()
@@ -162,7 +175,7 @@ class DeviceRuntime:
     def __init__(
         self,
         config: RuntimeConfig,
-        resident: ResidentBase,
+        resident: Any,
         store: StateStore,
         state: RuntimeState,
         engine: Engine,
@@ -192,13 +205,24 @@ class DeviceRuntime:
 
     # ------------------------------------------------------------------ start-up
     @classmethod
-    def open(cls, config: RuntimeConfig, *, resident: ResidentBase | None = None) -> DeviceRuntime:
-        """Load the base, read the state directory and (optionally) warm the active versions."""
-        if config.threads is not None:
-            import torch
+    def open(cls, config: RuntimeConfig, *, resident: Any = None) -> DeviceRuntime:
+        """Load the base, read the state directory and (optionally) warm the active versions.
 
-            torch.set_num_threads(config.threads)
-        resident = resident or ResidentBase.load(config.base)
+        The resident base is the torch base (``ResidentBase``), or with ``config.graph`` the ONNX scoring graph
+        (:class:`~edgepeft.runtime.ort.GraphBase`): then nothing here imports torch.
+        """
+        if config.graph is not None:
+            from edgepeft.runtime.ort import GraphBase
+
+            resident = resident or GraphBase.load(config.graph, config.threads)
+        else:
+            if config.threads is not None:
+                _torch().set_num_threads(config.threads)
+            if resident is None:
+                _torch()
+                from edgepeft.runtime.resident import ResidentBase
+
+                resident = ResidentBase.load(config.base)
         if resident.name != config.base:
             raise ConfigError(f"resident base is {resident.name!r} but the config asks for {config.base!r}")
         keys = load_trusted_keys(config.trusted_keys)
@@ -597,16 +621,15 @@ class DeviceRuntime:
         cached features); its forecast must be finite and within ``MAX_FORECAST`` standard deviations, else the
         squared errors would overflow into infinite scores.
         """
-        if saved.detector.base != self.resident.name:
-            raise ModelError(f"adapter is for base {saved.detector.base!r}; this device serves "
-                             f"{self.resident.name!r}")
+        if saved.base != self.resident.name:
+            raise ModelError(f"adapter is for base {saved.base!r}; this device serves {self.resident.name!r}")
         served = self.engine.load(saved, asset_id=asset_id, version=version, release=release)
         window, channels = self.resident.window_len, served.n_channels
-        forecast = smoke_forecast(self.resident, served)
+        forecast = self.engine.smoke(served)
         if tuple(forecast.shape) != (1, window, channels):
             raise ModelError(f"adapter {asset_id} {version} computes a {tuple(forecast.shape)} output, expected "
                              f"{(1, window, channels)}; it was not installed")
-        peak = float(forecast.abs().max())
+        peak = float(np.abs(forecast).max())
         if not peak <= MAX_FORECAST:  # NaN fails this too
             raise ModelError(f"adapter {asset_id} {version} forecasts {peak:.3g} standard deviations on a flat "
                              "input (non-finite or absurd); it was not installed")
@@ -633,9 +656,23 @@ def load_trusted_keys(paths: Sequence[str | Path]) -> list[Any]:
     return [load_public_key(path) for path in paths]
 
 
-def make_engine(config: RuntimeConfig, resident: ResidentBase, store: StateStore) -> Engine:
-    if config.engine == "onnx":
-        from edgepeft.runtime.onnx import OnnxEngine
+def make_engine(config: RuntimeConfig, resident: Any, store: StateStore) -> Engine:
+    if config.graph is not None:  # the resident is the graph itself; torch only as a fallback, where installed
+        from edgepeft.runtime.ort import OnnxEngine
 
-        return OnnxEngine(resident, store.onnx_dir(), int8=config.onnx_int8, threads=config.threads)
+        return OnnxEngine(resident, store.onnx_dir())
+    if config.engine == "onnx":
+        from edgepeft.runtime.onnx import open_onnx_engine
+
+        return open_onnx_engine(resident, store.onnx_dir(), int8=config.onnx_int8, threads=config.threads)
     return TorchEngine(resident)
+
+
+def _torch() -> Any:
+    """torch, or a clear error on a device install without it."""
+    try:
+        import torch
+    except ImportError:
+        raise ConfigError("this install has no torch: serve an ONNX scoring graph instead (--engine onnx --graph "
+                          "FILE, written by `edgepeft export-onnx` on a machine with the training install)") from None
+    return torch

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgepeft.bench.deploy_bench import quantisation_effect
 from edgepeft.core.config import read_json, write_json
 from edgepeft.core.errors import ArtifactError, OutputError
 from edgepeft.delta import (
@@ -25,7 +26,6 @@ from edgepeft.delta import (
     load_private_key,
     load_public_key,
     pack_bundle,
-    quantisation_effect,
     read_bundle,
     read_bundle_file,
     save_keypair,

@@ -1,4 +1,5 @@
-"""ONNX Runtime path: shared LoRA graph equals torch, adapters swap per call, merged export, int8, fallback."""
+"""ONNX Runtime path: the shared scoring graph equals torch, adapters swap per call, merged export, int8, fallback,
+and a device without torch."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 
 from edgepeft.bench.loadtest import payloads
 from edgepeft.detect.detector import AnomalyDetector
-from edgepeft.runtime.onnx import OnnxEngine, export_merged, quantize_int8
+from edgepeft.runtime.onnx import export_merged, open_onnx_engine, quantize_int8
+from edgepeft.runtime.ort import GraphBase, OnnxEngine
 from edgepeft.runtime.resident import ResidentBase, load_torch_version
 
 ROWS = payloads(2, 160)[1]
@@ -24,7 +26,7 @@ def resident() -> ResidentBase:
 
 @pytest.fixture(scope="module")
 def engine(resident: ResidentBase, tmp_path_factory: pytest.TempPathFactory) -> OnnxEngine:
-    return OnnxEngine(resident, tmp_path_factory.mktemp("onnx"), threads=1)
+    return open_onnx_engine(resident, tmp_path_factory.mktemp("onnx"), threads=1)
 
 
 def _windows(encoder: torch.nn.Module, batch: int, n_channels: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,21 +43,44 @@ def test_shared_graph_matches_torch_and_swaps_adapters_per_call(
     served = [engine.load(d, asset_id="pump-1", version=str(i), release=i) for i, d in enumerate(versions, 1)]
     reference = [load_torch_version(resident, d, asset_id="pump-1", version=str(i)) for i, d in enumerate(versions, 1)]
     assert {s.engine for s in served} == {"onnx"}
-    assert len({id(s.detector.model_.session) for s in served}) == 1, "one session serves every LoRA adapter"
+    assert len({id(s.detector.graph_.session) for s in served}) == 1, "one session serves every LoRA adapter"
     encoder = reference[0].detector.model_.encoder
     for seed, (batch, n_channels) in enumerate([(1, 3), (5, 3), (12, 3)]):
         x, hidden = _windows(encoder, batch, n_channels, seed)
         for ort_version, torch_version in zip(served * 2, reference * 2, strict=True):  # interleaved: per-call swap
-            got = ort_version.detector.model_(x, hidden)
-            want = torch_version.detector.model_(x, hidden)
-            assert torch.max(torch.abs(got - want)).item() < 1e-4
+            got = ort_version.detector._predict(x.numpy(), hidden.numpy(), True, None)
+            want = torch_version.detector._predict(x.numpy(), hidden.numpy(), True, None)
+            for ours, theirs in zip(got, want, strict=True):  # forecast, then the one-pass blind predictions
+                assert np.max(np.abs(ours - theirs)) < 1e-4
     # The LoRA inputs matter (versions differ by more than the tolerance), and detector scores agree.
     x, hidden = _windows(encoder, 4, 3, 9)
-    assert torch.max(torch.abs(served[0].detector.model_(x, hidden) - served[1].detector.model_(x, hidden))) > 1e-2
+    first, second = (s.detector._predict(x.numpy(), hidden.numpy(), False, None)[0] for s in served[:2])
+    assert np.max(np.abs(first - second)) > 1e-2
     for ort_version, directory in zip(served, versions, strict=True):
-        offline = AnomalyDetector.load(directory).score_all(ROWS)["score"]
-        np.testing.assert_allclose(ort_version.score_all(ROWS)["score"], offline, rtol=1e-4)
+        offline = AnomalyDetector.load(directory).score_all(ROWS, explain=True)
+        got = ort_version.score_all(ROWS, explain=True)
+        np.testing.assert_allclose(got["score"], offline["score"], rtol=1e-5, atol=1e-6)
+        assert got["top_channels"] == offline["top_channels"]
     assert resident.current_sha256() == resident.sha256
+
+
+def test_graph_names_its_base_and_refuses_other_bases(engine: OnnxEngine, resident: ResidentBase,
+                                                      versions: list[Path], tmp_path: Path) -> None:
+    graph = engine.graph
+    assert (graph.name, graph.sha256, graph.window_len) == (resident.name, resident.sha256, resident.window_len)
+    assert set(graph.modules) == {name for name in graph.modules if name.endswith((".q", ".v"))}
+    from edgepeft.core.errors import ArtifactError, ModelError
+    from edgepeft.runtime.serving import SavedDetector
+
+    saved = SavedDetector.from_directory(versions[0])
+    other = SavedDetector({**saved.state, "base_sha256": "0" * 64}, saved.tensors, saved.texts, "other")
+    with pytest.raises(ModelError, match="trained on base"):
+        engine.load(other, asset_id="x", version="1", release=1)
+    merged = export_merged(versions[0], tmp_path / "merged.onnx")
+    with pytest.raises(ArtifactError, match="not an edgepeft scoring graph"):
+        GraphBase.load(merged)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        GraphBase.load(tmp_path / "missing.onnx")
 
 
 def test_other_methods_fall_back_to_torch(engine: OnnxEngine, every_method: dict[str, Path]) -> None:
@@ -82,10 +107,10 @@ def test_merged_per_asset_export_matches_torch(
 def test_int8_graph_scores_close_to_float(
     resident: ResidentBase, versions: list[Path], engine: OnnxEngine, tmp_path: Path
 ) -> None:
-    int8 = OnnxEngine(resident, engine.workdir, int8=True, threads=1)
+    int8 = open_onnx_engine(resident, engine.workdir, int8=True, threads=1)
     fp32 = engine.load(versions[0], asset_id="pump-1", version="1", release=1).score_all(ROWS)["score"]
     quantised = int8.load(versions[0], asset_id="pump-1", version="1", release=1).score_all(ROWS)["score"]
-    assert int8.graph_path(("x",)).name.endswith(".int8.onnx")
+    assert int8.graph.path.name.endswith(".int8.onnx")
     assert np.all(np.isfinite(quantised))
     assert np.corrcoef(fp32, quantised)[0, 1] > 0.99
     assert np.median(np.abs(quantised - fp32) / fp32) < 0.05
