@@ -176,6 +176,37 @@ def deploy(
 
 
 @bench_app.command()
+def device(
+    out: Annotated[Path | None, typer.Option(help="Output folder (default bench-out/device).")] = None,
+    assets: Annotated[int, typer.Option(min=1, help="Assets installed and served (one bundle each).")] = 100,
+    seconds: Annotated[float, typer.Option(min=0.1, help="Scoring throughput: seconds of requests per engine.")
+                       ] = 5.0,
+    quality: Annotated[str, typer.Option(help="Suites for fp32 vs int8 vs int8 quantisation-aware quality "
+                                         "(comma list of skab, asd, fleet; empty: none).")] = "skab,asd,fleet",
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many assets per quality suite.")] = None,
+    data: Annotated[Path, typer.Option("--data", help="Folder holding skab/ and asd/.")] = Path(
+        "../shared/datasets"),
+) -> None:
+    """The device process, torch runtime vs the torch-free device install, side by side: peak RSS with every asset
+    resident, start to first score, install + activate over HTTP, scoring throughput."""
+    from rich.console import Console
+
+    from edgepeft.bench.device_bench import run_device_bench
+    from edgepeft.core.errors import ConfigError
+
+    suites = tuple(part.strip() for part in quality.split(",") if part.strip())
+    unknown = [suite for suite in suites if suite not in ("skab", "asd", "fleet")]
+    if unknown:
+        raise ConfigError(f"--quality lists unknown suites {unknown}; choose among skab, asd, fleet")
+    folder = _out(out, "device")
+    results = run_device_bench(folder, assets=assets, seconds=seconds, data=data, quality=suites, limit=limit)
+    console = Console(soft_wrap=True)
+    for target in results["targets"]:
+        console.print(f"{target['status'].upper()} {target['target']}: {target['measured']}", highlight=False)
+    console.print(f"results -> {folder / 'results.json'}, {folder / 'results.md'}", highlight=False)
+
+
+@bench_app.command()
 def channels(
     out: Annotated[Path | None, typer.Option(help="Output folder (default bench-out/channels).")] = None,
     counts: Annotated[str, typer.Option("--channels", help="Comma-separated channel counts.")] = "8,16,32,64",

@@ -67,6 +67,7 @@ from edgepeft.detect.threshold import ScoreCalibrator, make_threshold
 from edgepeft.models.registry import list_bases, load_base, load_card, state_sha256
 from edgepeft.peft import PeftConfig, get_method, list_methods, parameter_report
 from edgepeft.train.adapt import AdaptConfig, adapt
+from edgepeft.train.quant import PRECISIONS, simulate_int8_base
 
 # The weightings "auto" chooses among, per asset, by how well each finds faults injected into the asset's own
 # normal rows (Goswami et al., ICLR 2023). Level is the most fragile kind (a short recording underestimates where
@@ -109,6 +110,7 @@ class AnomalyDetector(ScoringCore):
         clear_after: int = 1,
         evidence: str = EVIDENCE_AUTO,
         state_window: int = 16,
+        base_precision: str = "fp32",
     ) -> None:
         self.base = base
         self.method = method
@@ -130,6 +132,7 @@ class AnomalyDetector(ScoringCore):
         self.clear_after = clear_after
         self.evidence = evidence
         self.state_window = state_window
+        self.base_precision = base_precision
 
     # ------------------------------------------------------------------ validation
     def _check_params(self) -> None:
@@ -137,6 +140,11 @@ class AnomalyDetector(ScoringCore):
             raise ConfigError(f"unknown base {self.base!r}; choose one of {', '.join(list_bases())}")
         if self.method not in list_methods():
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(list_methods())}")
+        if self.base_precision not in PRECISIONS:
+            raise ConfigError(f"base_precision must be one of {', '.join(PRECISIONS)}, got {self.base_precision!r}")
+        if self.base_precision == "int8" and self.method != "lora":
+            raise ConfigError("base_precision='int8' trains against the int8 scoring graph, which serves LoRA "
+                              f"adapters only; use method='lora' (got {self.method!r})")
         self._check_scoring_params()
 
     def _peft_config(self) -> PeftConfig:
@@ -176,6 +184,8 @@ class AnomalyDetector(ScoringCore):
         self.peft_config_ = self._peft_config()
         torch.manual_seed(self.seed)
         model = method.attach(base_model, self.peft_config_)
+        if self.base_precision == "int8":  # quantisation-aware: adapt and calibrate on the device's int8 arithmetic
+            simulate_int8_base(model)
         lr = self.lr if self.lr is not None else method.default_lr
         # Micro-batches: the same update with a quarter of the activations held at once (see AdaptConfig).
         cfg = AdaptConfig(steps=self.steps, batch_size=self.batch_size, seed=self.seed, micro_batch=self.micro_batch)
@@ -389,6 +399,8 @@ class AnomalyDetector(ScoringCore):
         method = get_method(det.peft_config_.method)
         model = method.attach(base_model, det.peft_config_)
         method.load(model, directory / ADAPTER_DIR)
+        if det.base_precision == "int8":
+            simulate_int8_base(model)
         model.eval()
         det.model_, det.method_ = model, method
         return det

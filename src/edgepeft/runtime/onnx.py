@@ -163,12 +163,32 @@ def export_lora_graph(resident: ResidentBase, out: str | Path, modules: list[str
     model = onnx.load_from_string(_trace(graph, (x, hidden, tags, *lora), ["x", "hidden", TAGS_INPUT, *names], axes,
                                          output_names=GRAPH_OUTPUTS))
     model.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in defaults.items())
+    _inline_weight_identities(model)
     metadata = graph_metadata(resident.name, resident.sha256, resident.window_len, resident.patch_len,
                               encoder.cfg.d_channel, shapes)
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     return _write(Path(out), model.SerializeToString())
+
+
+def _inline_weight_identities(model: Any) -> None:
+    """Drop the ``Identity`` nodes the exporter puts between a weight and its second, third... use (the forward and
+    the blind pass share the channel block), so every MatMul reads its weight as an initializer: the dynamic int8
+    quantiser only quantises MatMuls whose weight is one, and left the shared ones float (and kept both copies)."""
+    weights = {init.name for init in model.graph.initializer}
+    outputs = {out.name for out in model.graph.output}
+    alias = {node.output[0]: node.input[0] for node in model.graph.node
+             if node.op_type == "Identity" and node.input[0] in weights and node.output[0] not in outputs}
+    if not alias:
+        return
+    keep = [node for node in model.graph.node if not (node.op_type == "Identity" and node.output[0] in alias)]
+    for node in keep:
+        for index, name in enumerate(node.input):
+            if name in alias:
+                node.input[index] = alias[name]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
 
 
 def default_lora_modules(encoder: nn.Module) -> list[str]:
@@ -220,6 +240,13 @@ def quantize_int8(source: str | Path, out: str | Path) -> Path:
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             staged = Path(tmp) / out.name
             quantize_dynamic(model_input=str(source), model_output=str(staged), weight_type=QuantType.QInt8)
+            import onnx
+
+            model = onnx.load(str(staged))
+            if any(prop.key == "edgepeft.kind" for prop in model.metadata_props):  # a scoring graph says it is int8
+                entry = model.metadata_props.add()
+                entry.key, entry.value = "edgepeft.precision", "int8"
+                onnx.save(model, str(staged))
             os.replace(staged, out)
     finally:
         root.setLevel(level)

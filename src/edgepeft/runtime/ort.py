@@ -77,6 +77,9 @@ def make_session(path: str | Path, threads: int | None) -> Any:
     options = ort.SessionOptions()
     # The LoRA inputs have defaults, which ORT reports once per input at warning level.
     options.log_severity_level = 3
+    # No memory pattern: planning one block for every intermediate of a run raised a 100-asset device's peak RSS by
+    # 5 MB over allocating them from the arena as they come, for the same speed (measured on this graph).
+    options.enable_mem_pattern = False
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -96,6 +99,7 @@ class GraphBase:
         modules: the LoRA modules the graph takes as inputs, with their (in, out) features.
         session: the ONNX Runtime session.
         path: the graph file.
+        precision: ``fp32``, or ``int8`` for a dynamically quantised graph (``edgepeft export-onnx --int8``).
     """
 
     name: str
@@ -106,6 +110,7 @@ class GraphBase:
     modules: dict[str, list[int]]
     session: Any
     path: Path
+    precision: str = "fp32"
 
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None) -> GraphBase:
@@ -125,7 +130,8 @@ class GraphBase:
         try:
             return cls(meta["edgepeft.base"], meta["edgepeft.base_sha256"], int(meta["edgepeft.window_len"]),
                        int(meta["edgepeft.patch_len"]), int(meta["edgepeft.d_channel"]),
-                       dict(json.loads(meta["edgepeft.lora_modules"])), session, path)
+                       dict(json.loads(meta["edgepeft.lora_modules"])), session, path,
+                       meta.get("edgepeft.precision", "fp32"))
         except (KeyError, ValueError, TypeError) as exc:
             raise ArtifactError(f"{path} has malformed edgepeft metadata ({exc})") from None
 
@@ -263,8 +269,12 @@ class OnnxEngine:
                                 f"channels of {self.graph.d_channel} tag features; reinstall the bundle")
         scorer.graph_ = self.graph
         scorer.adapter_, nbytes = self._write_adapter(asset_id, version, lora, tags)
+        trained_for = scorer.params_.get("base_precision", "fp32")
+        note = "" if trained_for == self.graph.precision else (
+            f"adapted for the {trained_for} base, served on the {self.graph.precision} graph: its threshold was "
+            f"calibrated on {trained_for} scores")
         return ServingModel(asset_id=asset_id, version=version, release=release, method="lora", engine="onnx",
-                            detector=scorer, private_bytes=nbytes + ORT_OVERHEAD_BYTES)
+                            detector=scorer, private_bytes=nbytes + ORT_OVERHEAD_BYTES, note=note)
 
     def smoke(self, served: ServingModel) -> np.ndarray:
         """(1, L, C) forecast of a flat window (zeros, the asset's mean) whose last patch is forecast."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgepeft.bench.device_bench import TRAINING_ONLY, device_environment
 from edgepeft.bench.loadtest import ServerProcess, series
 from edgepeft.detect.detector import AnomalyDetector
 from edgepeft.runtime.onnx import export_lora_graph
@@ -23,28 +24,12 @@ from edgepeft.runtime.resident import ResidentBase
 
 REPO = Path(__file__).resolve().parents[3]
 SHARED = REPO.parent / "shared" / "datasets"
-# What the training install adds (the `train` extra): none of it may be needed to verify, install and score.
-TRAINING_ONLY = ("torch", "peft", "sklearn", "scipy", "pyod", "matplotlib", "onnx", "pandas", "psutil")
-BLOCKER = f"""
-import sys
-
-class _TrainingOnly:
-    # A device install: these are not there.
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {TRAINING_ONLY!r}:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (a device install)", name=name)
-        return None
-
-sys.meta_path.insert(0, _TrainingOnly())
-"""
 
 
 @pytest.fixture(scope="module")
 def blocked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Environment for a subprocess in which the training-only libraries cannot be imported."""
-    folder = tmp_path_factory.mktemp("device-python")
-    (folder / "sitecustomize.py").write_text(BLOCKER)
-    return {"PYTHONPATH": os.pathsep.join([str(folder), str(REPO / "src")])}
+    """Environment for a subprocess in which the training-only libraries (and pandas) cannot be imported."""
+    return device_environment(tmp_path_factory.mktemp("device-python"), extra_blocked=("pandas",))
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +86,7 @@ def test_device_runtime_without_torch_scores_like_the_training_side(
         with DeviceRuntime.open(config) as runtime:
             runtime.install_bundle(open({str(bundle_path)!r}, "rb").read())
             served, out = runtime.score({kind!r}, np.load({str(tmp_path / "rows.npy")!r}), explain=True)
-        loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({TRAINING_ONLY!r}))
+        loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({(*TRAINING_ONLY, "pandas")!r}))
         json.dump({{"score": out["score"].tolist(), "anomaly": out["anomaly"].tolist(), "engine": served.engine,
                    "top": out["top_channels"], "loaded": loaded}}, open({str(tmp_path / "out.json")!r}, "w"))
     """)

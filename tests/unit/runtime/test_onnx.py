@@ -140,3 +140,33 @@ def test_serve_with_onnx_engine(tmp_path: Path, resident: ResidentBase, versions
             np.testing.assert_allclose(answer["score"], offline[int(version) - 1], rtol=1e-4)
         listing = httpx.get(f"{server.url}/v1/assets").json()[0]
         assert {v["engine"] for v in listing["versions"] if v["loaded"]} == {"onnx"}
+
+
+def test_quantisation_aware_adapter_scores_as_the_int8_graph(resident: ResidentBase, tmp_path: Path) -> None:
+    """An adapter trained and calibrated against the simulated int8 base scores on the int8 graph almost exactly as
+    on its training side, much closer than an fp32 adapter moved onto that graph; the device says which is which."""
+    from edgepeft.bench.loadtest import series
+    from edgepeft.runtime.serving import SavedDetector
+
+    int8 = open_onnx_engine(resident, tmp_path / "onnx", int8=True, threads=1)
+    assert int8.graph.precision == "int8"
+    train = series(700, seed=4)
+    rows = np.concatenate([train, payloads(2, 300)[1]])
+    gaps = {}
+    for precision in ("fp32", "int8"):
+        det = AnomalyDetector(base="tiny", method="lora", rank=4, steps=20, seed=0, base_precision=precision).fit(train)
+        folder = det.save(tmp_path / precision)
+        np.testing.assert_array_equal(AnomalyDetector.load(folder).score(rows), det.score(rows))  # reloads as int8
+        served = int8.load(SavedDetector.from_directory(folder), asset_id=precision, version="1", release=1)
+        assert ("calibrated on fp32" in served.note) == (precision == "fp32")
+        gaps[precision] = float(np.max(np.abs(served.score_all(rows)["score"] - det.score(rows))))
+    assert gaps["int8"] < 0.25 * gaps["fp32"], gaps
+
+
+def test_int8_base_needs_lora() -> None:
+    from edgepeft.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="LoRA adapters only"):
+        AnomalyDetector(base="tiny", method="bitfit", base_precision="int8").fit(np.zeros((300, 2)))
+    with pytest.raises(ConfigError, match="base_precision"):
+        AnomalyDetector(base="tiny", base_precision="fp16").fit(np.zeros((300, 2)))
