@@ -113,11 +113,14 @@ class ScoringCore(CalibratedOutputs):
             raise ConfigError(f"this {type(self).__name__} is not fitted yet")
 
     # ------------------------------------------------------------------ errors
-    def _row_errors(self, scaled: np.ndarray, channel_budget: int = 512, one_pass: bool | None = None) -> np.ndarray:
+    def _row_errors(self, scaled: np.ndarray, channel_budget: int = 256, one_pass: bool | None = None) -> np.ndarray:
         """(T, C, 2) squared errors in asset-standardised units: [..., 0] forecast, [..., 1] blind.
 
         Each row is predicted causally, from rows before its patch only (:func:`scoring_windows`).
-        ``channel_budget`` bounds the channel-sequences per pass (inference memory, whatever the channel count).
+        ``channel_budget`` bounds the channel-sequences per pass (inference memory, whatever the channel count):
+        256 holds ONNX Runtime's activations at 5 MB instead of 9.5 MB at 512 for 3 % of its speed, and torch's
+        speed is the same (measured on the tiny base, 8 channels). Both engines batch alike, which the int8 path
+        needs: its activations are quantised per batch.
         """
         window_len, patch_len = self._geometry()
         windows, hidden = scoring_windows(scaled, window_len, patch_len)
