@@ -288,6 +288,7 @@ def _mount_layer_commands() -> None:
         app.command(name)(getattr(delta_commands, name))
     app.command("serve")(runtime_commands.serve)
     app.command("export-onnx")(runtime_commands.export_onnx)
+    app.command("export-c")(runtime_commands.export_c)
     app.command("stream")(stream_commands.stream)
     bench_app.command("stream")(stream_commands.bench_stream)
     bench_app.command("drift")(stream_commands.bench_drift)

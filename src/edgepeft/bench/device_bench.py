@@ -189,6 +189,44 @@ def quantisation_quality(root: Path, data: Path, suites: tuple[str, ...], limit:
     return out
 
 
+def c_target(root: Path, data: Path) -> dict[str, Any]:
+    """The C export of one 8-channel asset (a SKAB run when ../shared is there, else a synthetic one): flash and
+    RAM as gcc lays them out, scoring time per row compiled -O2 on this CPU, and agreement with Python."""
+    import numpy as np
+
+    from edgepeft.detect.detector import AnomalyDetector
+    from edgepeft.runtime.export_c import build_host, export_c, int8_reference, object_sizes, run_host
+
+    if (data / "skab").is_dir():
+        from edgepeft.data.datasets import load_skab
+
+        run = load_skab(data / "skab")[0]
+        name, train, rows = f"skab {run.name}", run.train, np.concatenate([run.train, run.test])
+    else:
+        from edgepeft.bench.loadtest import series
+
+        rows = series(1200, n_channels=8)
+        name, train = "synthetic, 8 channels", rows[:600]
+    det = AnomalyDetector(base="tiny", method="lora", steps=150).fit(train)
+    folder = det.save(root / "c-target" / "detector")
+    export = export_c(folder, root / "c-target" / "c")
+    sizes = object_sizes(export.folder)
+    scores, alarms, seconds = run_host(build_host(export.folder), rows)
+    reference = int8_reference(folder).score_all(rows)
+    fp32 = det.score_all(rows)
+    return {
+        "asset": name, "channels": export.channels, "rows": len(rows),
+        "flash_bytes": sizes["text"] + sizes["rodata"] + sizes["data"], "weights_bytes": export.flash_bytes,
+        "ram_bytes": sizes["bss"], "header_ram_bytes": export.ram_bytes,
+        "us_per_row": 1e6 * seconds / len(rows),
+        "max_abs_vs_python_int8": float(np.max(np.abs(scores - reference["score"]))),
+        "alarm_agreement_vs_python_int8": float(np.mean(alarms == reference["anomaly"])),
+        "max_abs_vs_python_fp32": float(np.max(np.abs(scores - fp32["score"]))),
+        "alarm_agreement_vs_python_fp32": float(np.mean(alarms == fp32["anomaly"])),
+        "threshold": float(det.threshold_),
+    }
+
+
 def run_device_bench(out: Path, *, assets: int = 100, seconds: float = 5.0, rows_per_request: int = 256,
                      data: Path = Path("../shared/datasets"), quality: tuple[str, ...] = ("skab", "asd", "fleet"),
                      limit: int | None = None) -> dict[str, Any]:
@@ -221,6 +259,7 @@ def run_device_bench(out: Path, *, assets: int = 100, seconds: float = 5.0, rows
         for name, (args, env) in runs.items():
             results[name] = _measure(name, root, bundles, rows, args, env, seconds)
         results["graph_bytes"] = graph.stat().st_size
+        results["c_target"] = c_target(root, Path(data))
         if quality:
             results["quality"] = quantisation_quality(root, Path(data), quality, limit)
     torch_run, device = results["torch"], results["device"]
@@ -245,6 +284,19 @@ def run_device_bench(out: Path, *, assets: int = 100, seconds: float = 5.0, rows
                      f"({device['score_rows_per_s'] / torch_run['score_rows_per_s']:.2f}x; {rows_per_request}-row "
                      "requests over HTTP)",
          "status": "met" if device["score_rows_per_s"] >= torch_run["score_rows_per_s"] else "missed"},
+    ]
+    c = results["c_target"]
+    results["targets"] += [
+        {"target": f"C target, {c['channels']}-channel asset (tiny + adapter, int8): flash <= 256 KB, RAM <= 64 KB",
+         "measured": f"flash {c['flash_bytes'] / 1024:.1f} KB (code, int8 weights, constants), RAM "
+                     f"{c['ram_bytes'] / 1024:.1f} KB static, as gcc -O2 lays them out",
+         "status": "met" if c["flash_bytes"] <= 256 * 1024 and c["ram_bytes"] <= 64 * 1024 else "missed"},
+        {"target": "C target agrees with Python (the int8-weight detector) within 1e-5",
+         "measured": f"max |score difference| {c['max_abs_vs_python_int8']:.2e} over {c['rows']} rows of "
+                     f"{c['asset']}, alarms agree on {100 * c['alarm_agreement_vs_python_int8']:.1f} %; against the "
+                     f"fp32 detector {c['max_abs_vs_python_fp32']:.3f} (threshold {c['threshold']:.3f}), alarms "
+                     f"agree on {100 * c['alarm_agreement_vs_python_fp32']:.1f} %; {c['us_per_row']:.0f} us per row",
+         "status": "met" if c["max_abs_vs_python_int8"] <= 1e-5 else "missed"},
     ]
     for suite, numbers in results.get("quality", {}).items():
         if not isinstance(numbers, dict) or "fp32_best_f1" not in numbers:
@@ -278,6 +330,11 @@ def render(results: dict[str, Any]) -> str:
         lines.append(f"| {key} | {cells[0]} | {cells[1]} |")
     lines += ["", f"Scoring graph: {results['graph_bytes'] / 1024:.0f} KB. Engines serving: torch "
               f"{results['torch']['engines']}, device {results['device']['engines']}."]
+    c = results.get("c_target")
+    if c:
+        lines += ["", "## C target (`edgepeft export-c`)", "", "| Measure | Value |", "|---|---|"]
+        for key, value in c.items():
+            lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
     quality = results.get("quality")
     if quality:
         sizes = quality["graph_bytes"]

@@ -96,3 +96,24 @@ def export_onnx(
         "[green]exported[/] " + ", ".join(f"{p} ({p.stat().st_size / 1024:.0f} KB)" for p in written),
         highlight=False,
     )
+
+
+def export_c(
+    adapter: Annotated[Path, typer.Argument(help="Detector folder written by `edgepeft adapt` (Detector v2).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the C sources.")],
+) -> None:
+    """Export one asset's detector as C99 sources for a microcontroller: int8 weights, static buffers, no malloc."""
+    from rich.console import Console
+
+    from edgepeft.runtime.export_c import BUDGET_FLASH, BUDGET_RAM
+    from edgepeft.runtime.export_c import export_c as run_export
+
+    export = run_export(adapter, out)
+    flash_note = "" if export.flash_bytes <= BUDGET_FLASH else " (over a 256 KB budget)"
+    ram_note = "" if export.ram_bytes <= BUDGET_RAM else " (over a 64 KB budget)"
+    Console(stderr=True, soft_wrap=True).print(
+        f"[green]exported[/] {export.folder}: {len(export.files)} files, {export.channels} channels; needs flash "
+        f"{export.flash_bytes / 1024:.1f} KB{flash_note} + code, RAM {export.ram_bytes / 1024:.1f} KB{ram_note} "
+        "(see edgepeft_model.h); build: cc -std=c99 -O2 your_main.c edgepeft.c -lm",
+        highlight=False,
+    )
