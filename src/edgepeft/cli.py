@@ -122,6 +122,8 @@ def adapt(
     rows: Annotated[int | None, typer.Option(min=1, help="Use only the first ROWS rows of TRAIN.")] = None,
     time_col: Annotated[str | None, typer.Option("--time-col", help="Timestamp column (else detected).")] = None,
     drop: Annotated[str | None, typer.Option(help="Columns to ignore, e.g. anomaly,changepoint.")] = None,
+    base_precision: Annotated[str, typer.Option(help="fp32, or int8: adapt and calibrate against the int8 base "
+                                                "(for `serve --graph` with an int8 graph; LoRA only).")] = "fp32",
 ) -> None:
     """Train a per-asset adapter on normal data and calibrate its alarm threshold."""
     from edgepeft.data.csvio import read_sensor_csv
@@ -139,7 +141,7 @@ def adapt(
     frame = pd.DataFrame(values, columns=table.channels)
     det = AnomalyDetector(base=base, method=method, rank=rank, steps=steps, seed=seed,
                           target_far=target_far, threshold=threshold, raise_after=raise_after,
-                          clear_after=clear_after)
+                          clear_after=clear_after, base_precision=base_precision)
     with _progress() as progress:
         task = progress.add_task(f"adapting {method} on {base}", total=steps, status="")
 

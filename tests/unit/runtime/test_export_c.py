@@ -84,3 +84,77 @@ def test_cli_export_c_and_its_errors(tmp_path: Path, versions: list[Path]) -> No
                           str(tmp_path / "d")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "not an edgepeft detector" in bad.stderr
+
+
+LEARN_DRIVER = r"""
+#include <stdio.h>
+#include "edgepeft.h"
+#include "edgepeft_model.h"
+int main(void) {
+    float row[EP_C], score, loss, biases[EP_LEARN_PARAMS];
+    long n = 0;
+    for (;;) {
+        for (int c = 0; c < EP_C; c++)
+            if (scanf("%f", &row[c]) != 1) goto done;
+        ep_push(row, &score);
+        if (++n % EP_P == 0 && ep_learn(LR, &loss) == 0) printf("loss %.9g\n", loss);
+    }
+done:
+    ep_biases(biases);
+    for (int i = 0; i < EP_LEARN_PARAMS; i++) printf("%.9g\n", biases[i]);
+    return 0;
+}
+"""
+TRAINED = ("channel_blocks.0.attn.o.bias", "channel_blocks.0.ln2.bias", "channel_blocks.0.mlp.fc1.bias",
+           "channel_blocks.0.mlp.fc2.bias", "ln_f.bias", "head.bias")
+
+
+def test_device_learning_step_matches_pytorch(tmp_path: Path) -> None:
+    """ep_learn (BitFit of the channel block's o/ln2/fc1/fc2 biases and the head's, SGD) after each of 12 patches
+    ends with the biases and losses PyTorch computes for the same steps on the same model."""
+    import torch
+
+    from edgepeft.data.windows import scoring_windows
+
+    lr, patches = 0.05, 12
+    train, rows = _asset("synthetic")
+    det = AnomalyDetector(base="tiny", method="lora", rank=4, steps=10, seed=0).fit(train)
+    folder = det.save(tmp_path / "det")
+    export = export_c(folder, tmp_path / "c")
+    (export.folder / "learn.c").write_text(LEARN_DRIVER)
+    binary = export.folder / "learn"
+    built = subprocess.run(["gcc", "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic", "-DEP_LEARN",
+                            f"-DLR={lr}f", "-I", str(export.folder), str(export.folder / "learn.c"),
+                            str(export.folder / "edgepeft.c"), "-lm", "-o", str(binary)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    used = rows[: patches * 8]
+    text = "\n".join(" ".join(f"{v:.9g}" for v in row) for row in used.astype(np.float32))
+    out = subprocess.run([str(binary)], input=text, capture_output=True, text=True, timeout=120).stdout.splitlines()
+    c_losses = [float(line.split()[1]) for line in out if line.startswith("loss")]
+    c_biases = np.array([float(line) for line in out if not line.startswith("loss")])
+
+    reference = int8_reference(folder)
+    encoder = reference.model_
+    params = dict(encoder.named_parameters())
+    for name, param in params.items():
+        param.requires_grad_(name in TRAINED)
+    before = np.concatenate([params[name].detach().numpy().ravel() for name in TRAINED])
+    scaled = reference.scaler_.transform(used.astype(np.float32))
+    windows, hidden = scoring_windows(scaled, encoder.window_len, encoder.patch_len)
+    losses = []
+    for k in range(patches):
+        x, h = torch.from_numpy(windows[k : k + 1]), torch.from_numpy(hidden[k : k + 1])
+        feats, mean, std = encoder.temporal_features(x, h)
+        pred = encoder.mix(feats, mean, std)[0, -8:, :]
+        loss = (((pred - x[0, -8:, :]) / std) ** 2).mean()
+        encoder.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for name in TRAINED:
+                params[name] -= lr * params[name].grad
+        losses.append(float(loss.detach()))
+    want = np.concatenate([params[name].detach().numpy().ravel() for name in TRAINED])
+    np.testing.assert_allclose(c_losses, losses, rtol=1e-4)
+    assert np.max(np.abs(c_biases - want)) < 1e-5
+    assert np.max(np.abs(want - before)) > 1e-3  # the steps did move them

@@ -48,6 +48,9 @@ static float hist[HIST][EP_C];        /* the last HIST scaled rows, oldest first
 static long n_rows;                    /* rows seen */
 static float pred_f[EP_P][EP_C];       /* this patch's forecast */
 static float pred_b[EP_P][EP_C];       /* this patch's blind predictions */
+static float win_mean[EP_C], win_std[EP_C];  /* this patch's window statistics per channel */
+static float kept_x1[EP_C][EP_D];      /* the forecast's channel-block tokens after attention (for learning) */
+static float patch_rows[EP_P][EP_C];   /* this patch's scaled rows so far */
 static double ring_x[RING][EP_C];      /* trailing scaled rows (state evidence) */
 static double ring_raw[EP_SMOOTHING];  /* trailing raw scores */
 static int alarm_on, run_over, run_under;
@@ -81,7 +84,7 @@ static float gelu(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654
 
 /* x[nq] += attention(ln1 queries, keys/values from kv[nk] (already normed), allowed(i, j)), then the MLP. */
 static void block(const block_t *blk, float (*x)[EP_D], int nq, float (*kv)[EP_D], int nk,
-                  int (*allowed)(int, int)) {
+                  int (*allowed)(int, int), float (*keep)[EP_D]) {
     for (int t = 0; t < nk; t++) {
         linear(&blk->k, kv[t], kb[t]);
         linear(&blk->v, kv[t], vb[t]);
@@ -114,6 +117,7 @@ static void block(const block_t *blk, float (*x)[EP_D], int nq, float (*kv)[EP_D
         linear(&blk->o, out, tmp);
         for (int i = 0; i < EP_D; i++) x[t][i] += tmp[i];
     }
+    if (keep) memcpy(keep, x, sizeof(float) * EP_D * nq);  /* after attention, before the MLP (learning reads it) */
     for (int t = 0; t < nq; t++) {
         layer_norm(&blk->ln2, x[t], tmp);
         linear(&blk->fc1, tmp, ff);
@@ -155,7 +159,7 @@ static void temporal(int c, float *mean_out, float *std_out) {
         for (int i = 0; i < EP_D; i++) xa[t][i] += pos_embed[t][i];
     for (int l = 0; l < EP_LAYERS; l++) {
         for (int t = 0; t < T_TOK; t++) layer_norm(&blocks[l].ln1, xa[t], xn[t]);
-        block(&blocks[l], xa, T_TOK, xn, T_TOK, 0);
+        block(&blocks[l], xa, T_TOK, xn, T_TOK, 0, 0);
     }
     memcpy(tok[c], xa, sizeof(xa));
     *mean_out = mean;
@@ -171,14 +175,14 @@ static void head(const float *x, float *patch) {
 
 /* Forecast and blind predictions of the patch that starts at row n_rows. */
 static void predict_patch(void) {
-    static float mean[EP_C], std[EP_C];
+    float *mean = win_mean, *std = win_std;
     for (int c = 0; c < EP_C; c++) temporal(c, &mean[c], &std[c]);
     /* The cross-channel block at the target patch's token: every channel sees every channel. */
     for (int c = 0; c < EP_C; c++)
         for (int i = 0; i < EP_D; i++) mix[c][i] = tok[c][EP_N][i] + tag_proj[c][i];
     memcpy(ctx, mix, sizeof(mix));
     for (int c = 0; c < EP_C; c++) layer_norm(&channel_block.ln1, ctx[c], ctxn[c]);
-    block(&channel_block, mix, EP_C, ctxn, EP_C, 0);
+    block(&channel_block, mix, EP_C, ctxn, EP_C, 0, kept_x1);
     for (int c = 0; c < EP_C; c++) {
         float patch[EP_P];
         head(mix[c], patch);
@@ -192,7 +196,7 @@ static void predict_patch(void) {
             ctx[EP_C + c][i] = qry[c][i];
         }
     for (int c = 0; c < 2 * EP_C; c++) layer_norm(&channel_block.ln1, ctx[c], ctxn[c]);
-    block(&channel_block, qry, EP_C, ctxn, 2 * EP_C, blind_allowed);
+    block(&channel_block, qry, EP_C, ctxn, 2 * EP_C, blind_allowed, 0);
     for (int c = 0; c < EP_C; c++) {
         float patch[EP_P];
         head(qry[c], patch);
@@ -224,6 +228,7 @@ int ep_push(const float *row, float *score_out) {
     if (n_rows % EP_P == 0) predict_patch();
     int r = (int)(n_rows % EP_P);
     for (int c = 0; c < EP_C; c++) ring_x[n_rows % RING][c] = x[c];
+    memcpy(patch_rows[r], x, sizeof(x));
 
     double kind[EP_KINDS][EP_C];
     for (int c = 0; c < EP_C; c++) {
@@ -290,3 +295,100 @@ int ep_push(const float *row, float *score_out) {
     n_rows++;
     return alarm_on && !warming;
 }
+
+#ifdef EP_LEARN
+/* ------------------------------------------------------------------------------------------ learning */
+/* BitFit on the device: the biases of the channel block's output projection and MLP (o, ln2, fc1, fc2) and of the
+ * head (ln_f, head), one SGD step on the forecast of the patch the last EP_P rows completed. Loss: the mean over
+ * channels and rows of (prediction - row)^2 in the window's own units (divided by its std), as in adaptation.
+ * Exact gradients: these biases sit after the cross-channel attention, so each channel's token is independent. */
+
+static void layer_norm_back(const float *g, const float *x, const float *dy, float *dx) {
+    float mean = 0.0f, var = 0.0f, xhat[EP_D], dxhat[EP_D], m1 = 0.0f, m2 = 0.0f;
+    for (int i = 0; i < EP_D; i++) mean += x[i];
+    mean /= EP_D;
+    for (int i = 0; i < EP_D; i++) var += (x[i] - mean) * (x[i] - mean);
+    var /= EP_D;
+    float inv = 1.0f / sqrtf(var + LN_EPS);
+    for (int i = 0; i < EP_D; i++) {
+        xhat[i] = (x[i] - mean) * inv;
+        dxhat[i] = dy[i] * g[i];
+        m1 += dxhat[i];
+        m2 += dxhat[i] * xhat[i];
+    }
+    m1 /= EP_D;
+    m2 /= EP_D;
+    for (int i = 0; i < EP_D; i++) dx[i] = inv * (dxhat[i] - m1 - xhat[i] * m2);
+}
+
+static void linear_back(const linear_t *l, const float *dy, float *dx) {  /* dx = W^T dy */
+    for (int i = 0; i < l->in; i++) dx[i] = 0.0f;
+    for (int o = 0; o < l->out; o++) {
+        const signed char *row = l->w + (long)o * l->in;
+        float d = l->scale * dy[o];
+        for (int i = 0; i < l->in; i++) dx[i] += (float)row[i] * d;
+    }
+}
+
+static float grad_o[EP_D], grad_ln2[EP_D], grad_fc1[EP_FF], grad_fc2[EP_D], grad_lnf[EP_D], grad_head[EP_P];
+
+int ep_learn(float lr, float *loss_out) {
+    if (n_rows == 0 || n_rows % EP_P != 0) return -1;  /* only right after a patch is complete */
+    const block_t *blk = &channel_block;
+    float h[EP_D], a[EP_FF], gact[EP_FF], x2[EP_D], z[EP_D], y[EP_P];
+    float dy[EP_P], dz[EP_D], dx2[EP_D], dg[EP_FF], da[EP_FF], dh[EP_D], dx1[EP_D];
+    double loss = 0.0;
+    memset(grad_o, 0, sizeof(grad_o)); memset(grad_ln2, 0, sizeof(grad_ln2)); memset(grad_fc1, 0, sizeof(grad_fc1));
+    memset(grad_fc2, 0, sizeof(grad_fc2)); memset(grad_lnf, 0, sizeof(grad_lnf)); memset(grad_head, 0, sizeof(grad_head));
+    for (int c = 0; c < EP_C; c++) {
+        const float *x1 = kept_x1[c];
+        layer_norm(&blk->ln2, x1, h);
+        linear(&blk->fc1, h, a);
+        for (int i = 0; i < EP_FF; i++) gact[i] = gelu(a[i]);
+        linear(&blk->fc2, gact, x2);
+        for (int i = 0; i < EP_D; i++) x2[i] += x1[i];
+        layer_norm(&ln_f, x2, z);
+        linear(&head_linear, z, y);
+        for (int r = 0; r < EP_P; r++) {
+            float target = (patch_rows[r][c] - win_mean[c]) / win_std[c];
+            float diff = y[r] - target;
+            loss += (double)diff * diff;
+            dy[r] = 2.0f * diff / (float)(EP_C * EP_P);
+            grad_head[r] += dy[r];
+        }
+        linear_back(&head_linear, dy, dz);
+        for (int i = 0; i < EP_D; i++) grad_lnf[i] += dz[i];
+        layer_norm_back(ln_f.g, x2, dz, dx2);
+        for (int i = 0; i < EP_D; i++) grad_fc2[i] += dx2[i];
+        linear_back(&blk->fc2, dx2, dg);
+        for (int i = 0; i < EP_FF; i++) {
+            float phi = 0.3989422804014327f * expf(-0.5f * a[i] * a[i]);
+            da[i] = dg[i] * (0.5f * (1.0f + erff(a[i] * 0.70710678118654752f)) + a[i] * phi);
+            grad_fc1[i] += da[i];
+        }
+        linear_back(&blk->fc1, da, dh);
+        for (int i = 0; i < EP_D; i++) grad_ln2[i] += dh[i];
+        layer_norm_back(blk->ln2.g, x1, dh, dx1);
+        for (int i = 0; i < EP_D; i++) grad_o[i] += dx1[i] + dx2[i];
+    }
+    for (int i = 0; i < EP_D; i++) {
+        cblock_o_b[i] -= lr * grad_o[i];
+        cblock_ln2_b[i] -= lr * grad_ln2[i];
+        cblock_fc2_b[i] -= lr * grad_fc2[i];
+        ln_f_b[i] -= lr * grad_lnf[i];
+    }
+    for (int i = 0; i < EP_FF; i++) cblock_fc1_b[i] -= lr * grad_fc1[i];
+    for (int r = 0; r < EP_P; r++) head_b[r] -= lr * grad_head[r];
+    if (loss_out) *loss_out = (float)(loss / (EP_C * EP_P));
+    return 0;
+}
+
+void ep_biases(float *out) {
+    memcpy(out, cblock_o_b, sizeof(float) * EP_D);
+    memcpy(out + EP_D, cblock_ln2_b, sizeof(float) * EP_D);
+    memcpy(out + 2 * EP_D, cblock_fc1_b, sizeof(float) * EP_FF);
+    memcpy(out + 2 * EP_D + EP_FF, cblock_fc2_b, sizeof(float) * EP_D);
+    memcpy(out + 3 * EP_D + EP_FF, ln_f_b, sizeof(float) * EP_D);
+    memcpy(out + 4 * EP_D + EP_FF, head_b, sizeof(float) * EP_P);
+}
+#endif

@@ -10,4 +10,16 @@ void ep_reset(void);
  * (score over the calibrated threshold, with the detector's persistence; never in the first EP_WARMUP_ROWS rows). */
 int ep_push(const float *row, float *score);
 
+#ifdef EP_LEARN
+/* Learning on the device (compile with -DEP_LEARN; the trained biases then live in RAM): one SGD step with rate lr
+ * on the patch that the last EP_P rows completed (call it right after every EP_P-th ep_push). BitFit of the
+ * channel block's o/ln2/fc1/fc2 biases and the head's ln_f/head biases. Writes the loss before the step; returns 0,
+ * or -1 when no patch was just completed. */
+int ep_learn(float lr, float *loss);
+
+/* The trained biases, in the order o, ln2, fc1, fc2, ln_f, head (EP_LEARN_PARAMS floats). */
+void ep_biases(float *out);
+#define EP_LEARN_PARAMS (4 * EP_D + EP_FF + EP_P)
+#endif
+
 #endif
