@@ -48,12 +48,16 @@ def pack(
     int8: Annotated[bool, typer.Option("--int8", help="Quantise fp32 adapter tensors to int8 (about 4x smaller; "
                                        "scores change slightly).")] = False,
     zstd: Annotated[bool, typer.Option("--zstd", help="Compress the tensors with zstd.")] = False,
+    torch_free: Annotated[bool, typer.Option("--torch-free", help="Refuse an adapter that a device without torch "
+                                             "(`serve --graph`) cannot serve: LoRA only.")] = False,
 ) -> None:
     """Sign a detector into one .edelta bundle: adapter tensors, manifest and signature in a single file."""
     from edgepeft.delta.bundle import read_bundle
     from edgepeft.delta.keys import load_private_key
     from edgepeft.delta.pack import pack_bundle, write_bundle
 
+    if torch_free:
+        _check_torch_free(detector)
     private_key = load_private_key(key)
     data = pack_bundle(detector, private_key, asset_id=asset, version=version, release=release,
                        parent_version=parent, expires_days=expires_days, int8=int8, zstd=zstd)
@@ -64,6 +68,25 @@ def pack(
     status.print(f"[green]bundle written[/] to {out}: {bundle.asset_id} {bundle.version} release {bundle.release}, "
                  f"{len(data):,} bytes ({payload['tensors']}, {payload['compression']}), base {bundle.base_name} "
                  f"{bundle.base_sha256[:12]}…, signed by {bundle.signer}", highlight=False)
+
+
+def _check_torch_free(detector: Path) -> None:
+    import json
+
+    from edgepeft.core.config import read_json
+    from edgepeft.core.errors import ConfigError
+    from edgepeft.delta.pack import graph_refusal
+    from edgepeft.detect.core import DETECTOR_FILE, SCHEMA_VERSIONS
+
+    state = read_json(detector / DETECTOR_FILE, versions=SCHEMA_VERSIONS)
+    config_path = detector / "adapter" / "adapter_config.json"
+    try:
+        config = json.loads(config_path.read_text()) if config_path.exists() else None
+    except (OSError, json.JSONDecodeError):
+        config = None
+    refusal = graph_refusal(str((state.get("peft_config") or {}).get("method")), config)
+    if refusal is not None:
+        raise ConfigError(f"--torch-free: {refusal}; a device without torch refuses it (adapt with --method lora)")
 
 
 def verify(

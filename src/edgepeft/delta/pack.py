@@ -113,6 +113,32 @@ def pack_bundle(
     return data
 
 
+# peft LoRA settings the device's adapter-as-input ONNX scoring graph computes exactly.
+PLAIN_LORA = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False}
+
+
+def graph_refusal(method: str, adapter_config: dict[str, Any] | None) -> str | None:
+    """Why a torch-free device (one ONNX scoring graph, `edgepeft serve --graph`) cannot serve an adapter, or None
+    when it can: plain LoRA only (the graph takes LoRA A/B as inputs; other methods change the model itself).
+
+    >>> graph_refusal("lora", {"peft_type": "LORA", "r": 8}) is None
+    True
+    >>> graph_refusal("ia3", {"peft_type": "IA3"})
+    "method 'ia3' has no adapter-as-input ONNX graph (LoRA only)"
+    """
+    if method != "lora":
+        return f"method {method!r} has no adapter-as-input ONNX graph (LoRA only)"
+    config = adapter_config or {}
+    if config.get("peft_type") != "LORA":
+        return f"peft type {config.get('peft_type')!r} has no adapter-as-input ONNX graph"
+    for key, plain in PLAIN_LORA.items():
+        if config.get(key, plain) != plain:
+            return f"LoRA with {key}={config.get(key)!r} has no adapter-as-input ONNX graph"
+    if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("modules_to_save"):
+        return "LoRA with per-module ranks or extra trained modules has no adapter-as-input ONNX graph"
+    return None
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from edgepeft.core.errors import ArtifactError, ModelError
+from edgepeft.delta.pack import graph_refusal
 from edgepeft.detect.core import ScoringCore
 from edgepeft.runtime.serving import SavedDetector, ServingModel, as_saved, check_base, non_finite
 
@@ -51,8 +52,6 @@ PEFT_PREFIX = "base_model.model."
 # A served ONNX version is a LoraAdapter (its tensors, memory-mapped) plus a few small Python objects: the
 # adapter_memory benchmark measured 22 KB of RSS per tiny-base LoRA adapter, against 66 KB of adapter tensors.
 ORT_OVERHEAD_BYTES = 8 * 1024
-# peft LoRA settings the adapter-as-input graph computes exactly; anything else falls back to torch.
-_PLAIN_LORA = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False}
 
 
 def lora_input_names(modules: list[str]) -> list[str]:
@@ -161,13 +160,9 @@ def read_lora(saved: SavedDetector) -> tuple[dict[str, tuple[np.ndarray, np.ndar
     except (KeyError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"adapter_config.json in {saved.source} is missing or not JSON ({exc}); "
                             "reinstall the bundle") from exc
-    if config.get("peft_type") != "LORA":
-        raise ModelError(f"peft type {config.get('peft_type')!r} has no adapter-as-input ONNX graph")
-    for key, plain in _PLAIN_LORA.items():
-        if config.get(key, plain) != plain:
-            raise ModelError(f"LoRA with {key}={config.get(key)!r} has no adapter-as-input ONNX graph")
-    if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("modules_to_save"):
-        raise ModelError("LoRA with per-module ranks or extra trained modules has no adapter-as-input ONNX graph")
+    refusal = graph_refusal(saved.method, config)
+    if refusal is not None:
+        raise ModelError(refusal)
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     scaling = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
     try:
@@ -247,8 +242,6 @@ class OnnxEngine:
         saved = as_saved(source)
         check_base(saved, self.graph.name, self.graph.sha256)
         try:
-            if saved.method != "lora":
-                raise ModelError(f"method {saved.method!r} has no adapter-as-input ONNX graph (LoRA only)")
             lora, tags = read_lora(saved)
             unknown = sorted(set(lora) - set(self.graph.modules))
             if unknown:

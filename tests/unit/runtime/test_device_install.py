@@ -165,3 +165,21 @@ def test_fresh_device_venv_has_no_torch_and_serves(
         assert installed_bundle.status_code == 200, installed_bundle.text
         answer = httpx.post(f"{server.url}/v1/assets/synthetic/score", json={"rows": rows.tolist()}).json()
         np.testing.assert_allclose(answer["score"], det.score_all(rows)["score"], rtol=0, atol=1e-5)
+
+
+def test_pack_torch_free_refuses_what_a_device_without_torch_cannot_serve(
+    tmp_path: Path, every_method: dict[str, Path], keys: dict[str, object]
+) -> None:
+    from edgepeft.delta import save_keypair
+
+    key = tmp_path / "k"
+    save_keypair(keys["trusted"], key)
+    common = ["--key", str(key), "--asset", "a", "--version", "1", "--release", "1", "--torch-free"]
+    for method, ok in (("lora", True), ("dora", False), ("bitfit", False)):
+        done = subprocess.run([sys.executable, "-m", "edgepeft.cli", "pack", str(every_method[method]), "--out",
+                               str(tmp_path / f"{method}.edelta"), *common], capture_output=True, text=True,
+                              timeout=120)
+        assert (done.returncode == 0) == ok, done.stderr
+        if not ok:
+            assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+            assert "--torch-free" in done.stderr and not (tmp_path / f"{method}.edelta").exists()
