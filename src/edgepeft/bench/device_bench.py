@@ -372,7 +372,14 @@ def run_device_bench(out: Path, *, assets: int = 100, seconds: float = 5.0, rows
 def render(results: dict[str, Any]) -> str:
     """Markdown: provenance, targets, then both engines' numbers side by side."""
     lines = ["# Device footprint: the torch runtime and the torch-free device install", ""]
-    lines += provenance_lines(results)
+    lines += provenance_lines({**results, "settings": {}})
+    while lines and not lines[-1]:
+        lines.pop()
+    settings = results["settings"]
+    lines += [f"- Settings: base `{settings['base']}`, LoRA, {settings['assets']} assets (one signed bundle each), "
+              f"{settings['rows_per_request']}-row requests for {settings['seconds']} s per engine, "
+              f"{settings['threads']} thread; quality suites {', '.join(settings['quality_suites']) or 'none'}"
+              + (f" ({settings['quality_limit']} assets each)" if settings.get("quality_limit") else ""), ""]
     lines += ["| Target | Status | Measured |", "|---|---|---|"]
     for target in results["targets"]:
         status = target["status"].upper() if target["status"] != "met" else "met"
