@@ -106,15 +106,21 @@ def _measure(name: str, root: Path, bundles: list[tuple[str, bytes]], rows: list
         out["engines"] = sorted({v["engine"] for a in loaded for v in a["versions"] if v.get("loaded")})
         status = _status(server.process.pid)
         out["rss_serving_bytes"], out["peak_rss_bytes"] = status["VmRSS"], status["VmHWM"]
-    # A restart with every asset installed: process start to the first answered score (active versions warm).
-    started = time.perf_counter()
-    with ServerProcess(state, args=args, env=env, startup_s=120.0) as server, httpx.Client(timeout=60.0) as client:
-        answer = client.post(f"{server.url}/v1/assets/{bundles[0][0]}/score", json={"rows": rows})
-        out["start_to_first_score_s"] = time.perf_counter() - started
-        if answer.status_code != 200:
-            raise RuntimeError(f"{name}: first score after restart failed: {answer.text}")
-        assert server.process is not None
-        out["restart_peak_rss_bytes"] = _status(server.process.pid)["VmHWM"]
+    # Restarts with every asset installed: process start to the first answered score (active versions warmed at
+    # start-up), the median of three; /health is polled every 10 ms so the poll adds little to what is measured.
+    starts = []
+    for _ in range(3):
+        started = time.perf_counter()
+        with ServerProcess(state, args=args, env=env, startup_s=120.0, poll_s=0.01) as server, \
+                httpx.Client(timeout=60.0) as client:
+            answer = client.post(f"{server.url}/v1/assets/{bundles[0][0]}/score", json={"rows": rows})
+            starts.append(time.perf_counter() - started)
+            if answer.status_code != 200:
+                raise RuntimeError(f"{name}: first score after restart failed: {answer.text}")
+            assert server.process is not None
+            out["restart_peak_rss_bytes"] = _status(server.process.pid)["VmHWM"]
+    out["start_to_first_score_s"] = statistics.median(starts)
+    out["start_to_first_score_runs_s"] = [round(s, 3) for s in starts]
     return out
 
 
@@ -323,8 +329,8 @@ def run_device_bench(out: Path, *, assets: int = 100, seconds: float = 5.0, rows
                      f"{torch_run['restart_peak_rss_bytes'] / mb:.0f} MB)",
          "status": "met" if max(device["peak_rss_bytes"], device["restart_peak_rss_bytes"]) <= 100 * mb else "missed"},
         {"target": "device install: process start to first score <= 1 s",
-         "measured": f"{device['start_to_first_score_s']:.2f} s (torch runtime "
-                     f"{torch_run['start_to_first_score_s']:.2f} s)",
+         "measured": f"{device['start_to_first_score_s']:.2f} s, median of 3 restarts with {assets} assets warmed "
+                     f"(torch runtime {torch_run['start_to_first_score_s']:.2f} s)",
          "status": "met" if device["start_to_first_score_s"] <= 1.0 else "missed"},
         {"target": "device install: install + activate p99 no worse than the torch runtime's (over HTTP)",
          "measured": f"{device['install_activate_p99_ms']:.1f} ms vs {torch_run['install_activate_p99_ms']:.1f} ms "
@@ -384,7 +390,7 @@ def render(results: dict[str, Any]) -> str:
     for target in results["targets"]:
         status = target["status"].upper() if target["status"] != "met" else "met"
         lines.append(f"| {target['target']} | **{status}** | {target['measured']} |")
-    keys = [k for k in results["torch"] if k not in ("args", "engines")]
+    keys = [k for k in results["torch"] if k not in ("args", "engines", "start_to_first_score_runs_s")]
     lines += ["", "| Measure | torch runtime | device install (ONNX Runtime, no torch) |", "|---|---|---|"]
     for key in keys:
         values = [results[name][key] for name in ("torch", "device")]

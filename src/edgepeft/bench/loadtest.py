@@ -59,6 +59,7 @@ class ServerProcess:
         startup_s: how long to wait for ``/health`` to answer.
         python: the interpreter to run it with (another venv's, e.g. a device install); default: this one.
         env: extra environment variables for the server.
+        poll_s: pause between ``/health`` polls while it starts.
     """
 
     state_dir: Path
@@ -67,6 +68,7 @@ class ServerProcess:
     startup_s: float = 90.0
     python: str = sys.executable
     env: dict[str, str] = field(default_factory=dict)
+    poll_s: float = 0.1
     port: int = 0
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     log_path: Path | None = None
@@ -102,7 +104,7 @@ class ServerProcess:
                     return self
             except httpx.HTTPError:
                 pass
-            time.sleep(0.1)
+            time.sleep(self.poll_s)
         self.stop()
         raise OutputError(f"server did not answer /health within {self.startup_s:.0f} s:\n{self.log()}")
 
