@@ -45,7 +45,8 @@ def test_fedavg_of_factors_is_not_the_average_update_and_exact_schemes_are() -> 
         np.testing.assert_allclose(_product(svd, module), exact, atol=1e-5)
         assert dropped[module] < 1e-6
         assert stacked[f"{module}.lora_A.weight"].shape == (8, 6)  # rank 4 x 2
-    np.testing.assert_allclose(stacked["bias"], sum(w * c["bias"] for w, c in zip(weights, clients, strict=True)) / 10, atol=1e-6)
+    expected_bias = sum(w * c["bias"] for w, c in zip(weights, clients, strict=True)) / 10
+    np.testing.assert_allclose(stacked["bias"], expected_bias, atol=1e-6)
 
 
 def test_svd_at_the_clients_rank_is_the_best_rank_r_approximation() -> None:
