@@ -36,6 +36,8 @@ from edgepeft.detect.threshold import (
     CalibratedOutputs,
     ScoreCalibrator,
     check_persistence,
+    p_anomaly,
+    persist_step,
     threshold_from_dict,
 )
 
@@ -307,6 +309,93 @@ class ScoringCore(CalibratedOutputs):
         else:
             self.state_ = StateModel.from_dict(state["state"], n)
             self.fusion_ = Fusion.from_dict(state["fusion"], n)
+
+
+class StreamScorer:
+    """Score a stream one row at a time, exactly as :meth:`ScoringCore.score_all` scores the whole series, with any
+    scorer, torch-free ones included (river's ``score_one``; no learning: that is the training side's
+    ``StreamingDetector``). Each patch is predicted once, when its first row arrives, from the rows before it; a
+    row's score is the scoring core's on the last ``stream_context()`` rows; alarms keep their persistence state.
+
+    >>> import numpy as np
+    >>> class Mean(ScoringCore):
+    ...     def _geometry(self): return 16, 4
+    ...     def _predict(self, windows, hidden, blind, one_pass):
+    ...         return np.zeros_like(windows), (np.zeros_like(windows) if blind else None)
+    >>> core, rows = Mean.from_dict(toy_state(2)), np.random.default_rng(0).normal(size=(30, 2))
+    >>> stream = StreamScorer(core)
+    >>> streamed = [stream.score_one(row)["score"] for row in rows]
+    >>> bool(np.allclose(streamed, core.score(rows)))
+    True
+    """
+
+    def __init__(self, core: ScoringCore) -> None:
+        from collections import deque
+
+        core._check_fitted()
+        self.core = core
+        self.window_len_, self.patch_len_ = core._geometry()
+        self.history_: deque[np.ndarray] = deque(maxlen=self.window_len_ - self.patch_len_)
+        self.context_rows_: deque[np.ndarray] = deque(maxlen=core.stream_context())
+        self.context_errors_: deque[np.ndarray] = deque(maxlen=core.stream_context())
+        self.n_seen_ = 0
+        self.alarm_on_, self.run_ = False, 0
+        self.pending_: tuple[np.ndarray, np.ndarray | None] | None = None
+
+    def _predict_patch(self) -> None:
+        window, patch = self.window_len_, self.patch_len_
+        n_channels = self.core.n_channels_
+        windows = np.zeros((1, window, n_channels), dtype=np.float32)
+        have = len(self.history_)
+        if have:
+            windows[0, window - patch - have : window - patch] = np.stack(self.history_)
+        hidden = np.zeros((1, n_channels, window // patch), dtype=bool)
+        hidden[:, :, : (window - patch - have) // patch] = True  # patches before the stream began
+        hidden[:, :, -1] = True  # the patch to predict
+        blind = n_channels > 1 and self.core.blind_weight > 0
+        forecast, blind_pred = self.core._predict(windows, hidden, blind, None)
+        self.pending_ = (forecast[0, -patch:], None if blind_pred is None else blind_pred[0, -patch:])
+
+    def score_one(self, x: Any, explain: bool = False) -> dict[str, Any]:
+        """``score``, ``p_anomaly``, ``anomaly`` and ``warming_up`` of the next row (raw sensor values, channels in
+        the trained order), and ``top_channels`` with ``explain`` (``""`` unless the row is flagged)."""
+        core = self.core
+        values, _ = validate_array(np.asarray(x, dtype=np.float64).reshape(1, -1))
+        if values.shape[1] != core.n_channels_:
+            raise DataError(f"row has {values.shape[1]} values but the detector was trained on {core.n_channels_} "
+                            f"channels ({', '.join(core.channels_)})")
+        scaled = core.scaler_.transform(values)[0]
+        t = self.n_seen_
+        if t % self.patch_len_ == 0 or self.pending_ is None:
+            self._predict_patch()
+        assert self.pending_ is not None
+        forecast, blind = self.pending_
+        errors = np.empty((core.n_channels_, 2), dtype=np.float32)
+        errors[:, 0] = (forecast[t % self.patch_len_] - scaled) ** 2
+        errors[:, 1] = errors[:, 0] if blind is None else (blind[t % self.patch_len_] - scaled) ** 2
+        rows = np.stack([*self.context_rows_, scaled])
+        errs = np.stack([*self.context_errors_, errors])
+        score = float(core.score_errors(rows, errs)[-1])
+        self.alarm_on_, self.run_ = persist_step(self.alarm_on_, self.run_, score > core.threshold_,
+                                                 core.raise_after, core.clear_after)
+        warming = t < core.warmup_rows_
+        p = float(p_anomaly(core.calibrator_, [score], core.threshold_)[0])
+        if warming:  # held rows stay under the alarm line, as in the batch path
+            p = min(p, float(np.nextafter(0.5, 0.0)))
+        out: dict[str, Any] = {"score": score, "p_anomaly": p, "anomaly": int(self.alarm_on_ and not warming),
+                               "warming_up": int(warming)}
+        if explain:
+            label = ""
+            if out["anomaly"]:
+                contributions, kinds = core._contributions(rows, core._evidence_from_errors(rows, errs))
+                last = np.array([len(rows) - 1])
+                label = core._top_labels(rows, contributions[last], kinds, last)[0]
+            out["top_channels"] = label
+        self.history_.append(scaled)
+        self.context_rows_.append(scaled)
+        self.context_errors_.append(errors)
+        self.n_seen_ += 1
+        return out
 
 
 def saved_params(state: dict[str, Any]) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from edgepeft.data.csvio import validate_array
 from edgepeft.data.scaler import ChannelScaler
 from edgepeft.detect.core import EVIDENCE_AUTO
 from edgepeft.detect.detector import AnomalyDetector
-from edgepeft.detect.threshold import check_persistence, p_anomaly
+from edgepeft.detect.threshold import check_persistence, p_anomaly, persist_step
 from edgepeft.models.registry import list_bases, load_base
 from edgepeft.peft import PeftConfig, get_method, list_methods
 from edgepeft.peft.base import adapted_blocks
@@ -487,15 +487,8 @@ class StreamingDetector:
         return RowScore(score, score, p, anomaly, probation, errors, (on, run, scaled))
 
     def _persist(self, above: bool) -> tuple[bool, int]:
-        """The alarm state after one more row over (or under) the threshold: ``persist_alarms`` one row at a
-        time. ``run_`` counts the current run, positive over the threshold and negative under it."""
-        run = (self.run_ + 1 if self.run_ > 0 else 1) if above else (self.run_ - 1 if self.run_ < 0 else -1)
-        on = self.alarm_on_
-        if above and not on and run >= self.raise_after:
-            on = True
-        elif not above and on and -run >= self.clear_after:
-            on = False
-        return on, run
+        """The alarm state after one more row over (or under) the threshold (:func:`persist_step`)."""
+        return persist_step(self.alarm_on_, self.run_, above, self.raise_after, self.clear_after)
 
     # ------------------------------------------------------------------ learning
     def _learn_row(self, row: np.ndarray, rs: RowScore, normal: bool | None) -> None:

@@ -420,6 +420,23 @@ def persist_alarms(above: Any, raise_after: int = 1, clear_after: int = 1) -> np
     return out
 
 
+def persist_step(on: bool, run: int, above: bool, raise_after: int = 1, clear_after: int = 1) -> tuple[bool, int]:
+    """:func:`persist_alarms` one row at a time: the alarm state and run after one more row over (or under) the
+    threshold. ``run`` counts the current run, positive over the threshold and negative under it.
+
+    >>> state = (False, 0)
+    >>> [(state := persist_step(*state, above, raise_after=2, clear_after=2))[0]
+    ...  for above in [1, 0, 1, 1, 1, 0, 1, 0, 0, 0]] == persist_alarms([1, 0, 1, 1, 1, 0, 1, 0, 0, 0], 2, 2).tolist()
+    True
+    """
+    run = (run + 1 if run > 0 else 1) if above else (run - 1 if run < 0 else -1)
+    if above and not on and run >= raise_after:
+        on = True
+    elif not above and on and -run >= clear_after:
+        on = False
+    return on, run
+
+
 class CalibratedOutputs:
     """The one base of our detector and the classical baselines: ``get_params`` (read from the constructor's
     signature, scikit-learn's convention) and ``predict_proba`` / ``predict`` / ``score_all`` from a detector's

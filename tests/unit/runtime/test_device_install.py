@@ -183,3 +183,28 @@ def test_pack_torch_free_refuses_what_a_device_without_torch_cannot_serve(
         if not ok:
             assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
             assert "--torch-free" in done.stderr and not (tmp_path / f"{method}.edelta").exists()
+
+
+def test_stream_scorer_scores_row_by_row_as_the_batch_does(tmp_path: Path, graph: Path) -> None:
+    """StreamScorer, torch-free with the device's ONNX scorer and with the torch detector: every row's score,
+    p_anomaly, alarm and explanation equal the batch path's."""
+    from edgepeft.detect.core import StreamScorer
+    from edgepeft.runtime.ort import GraphBase, OnnxEngine
+    from edgepeft.runtime.serving import SavedDetector
+
+    train, rows = _asset("synthetic")
+    rows = rows.copy()
+    rows[700:760, 1] += 3.0  # a fault, so that alarms and explanations are compared too
+    det = AnomalyDetector(base="tiny", method="lora", rank=4, steps=20, seed=0, raise_after=2, clear_after=3).fit(train)
+    folder = det.save(tmp_path / "det")
+    served = OnnxEngine(GraphBase.load(graph, 1), tmp_path / "onnx").load(
+        SavedDetector.from_directory(folder), asset_id="a", version="1", release=1)
+    for scorer in (det, served.detector):
+        batch = scorer.score_all(rows, explain=True)
+        stream = StreamScorer(scorer)
+        got = [stream.score_one(row, explain=True) for row in rows]
+        # One window per pass instead of many: float32 sums in another order, 1e-6 apart at most.
+        np.testing.assert_allclose([g["score"] for g in got], batch["score"], rtol=0, atol=1e-5)
+        np.testing.assert_allclose([g["p_anomaly"] for g in got], batch["p_anomaly"], rtol=0, atol=1e-5)
+        assert [g["anomaly"] for g in got] == batch["anomaly"].tolist() and sum(batch["anomaly"]) > 0
+        assert [g["top_channels"] for g in got] == batch["top_channels"]
