@@ -64,6 +64,16 @@ def _report(results: dict[str, Any], out: Path) -> None:
                   highlight=False)
 
 
+def _print_targets(results: dict[str, Any], folder: Path, console: Any = None) -> None:
+    """A self-rendered suite's targets, one line each, and where its results went."""
+    from rich.console import Console
+
+    console = console or Console(soft_wrap=True)
+    for target in results["targets"]:
+        console.print(f"{target['status'].upper()} {target['target']}: {target['measured']}", highlight=False)
+    console.print(f"results -> {folder / 'results.json'}, {folder / 'results.md'}", highlight=False)
+
+
 @bench_app.command()
 def skab(
     data: DataOpt = None,
@@ -163,16 +173,11 @@ def deploy(
     base: Annotated[str, typer.Option(help="Base the bundle sizes are compared with.")] = "small",
 ) -> None:
     """Bundle bytes vs base, install/activate time, torch vs ONNX Runtime, memory per adapter, hot-swap load test."""
-    from rich.console import Console
-
     from edgepeft.bench.deploy_bench import run_deploy_bench
 
     folder = _out(out, "deploy")
     results = run_deploy_bench(folder, quick=quick, base=base)
-    console = Console(soft_wrap=True)
-    for target in results["targets"]:
-        console.print(f"{target['status'].upper()} {target['target']}: {target['measured']}", highlight=False)
-    console.print(f"results -> {folder / 'results.json'}, {folder / 'results.md'}", highlight=False)
+    _print_targets(results, folder)
 
 
 @bench_app.command()
@@ -189,8 +194,6 @@ def device(
 ) -> None:
     """The device process, torch runtime vs the torch-free device install, side by side: peak RSS with every asset
     resident, start to first score, install + activate over HTTP, scoring throughput."""
-    from rich.console import Console
-
     from edgepeft.bench.device_bench import run_device_bench
     from edgepeft.core.errors import ConfigError
 
@@ -200,10 +203,7 @@ def device(
         raise ConfigError(f"--quality lists unknown suites {unknown}; choose among skab, asd, fleet")
     folder = _out(out, "device")
     results = run_device_bench(folder, assets=assets, seconds=seconds, data=data, quality=suites, limit=limit)
-    console = Console(soft_wrap=True)
-    for target in results["targets"]:
-        console.print(f"{target['status'].upper()} {target['target']}: {target['measured']}", highlight=False)
-    console.print(f"results -> {folder / 'results.json'}, {folder / 'results.md'}", highlight=False)
+    _print_targets(results, folder)
 
 
 @bench_app.command()
@@ -236,6 +236,4 @@ def channels(
     for row in results["rows"]:
         console.print(f"{row['channels']:>3} channels: {row['values_per_s']:>10,.0f} values/s one pass, "
                       f"{row['copies_values_per_s']:>10,.0f} with C copies", highlight=False)
-    for target in results["targets"]:
-        console.print(f"{target['status'].upper()} {target['target']}: {target['measured']}", highlight=False)
-    console.print(f"results -> {folder / 'results.json'}, {folder / 'results.md'}", highlight=False)
+    _print_targets(results, folder, console)

@@ -254,6 +254,9 @@ def quantize_int8(source: str | Path, out: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- engine
+_EXPORT_LOCK = threading.Lock()  # one export per graph file, whichever thread asks first
+
+
 def graph_path(resident: ResidentBase, workdir: str | Path, int8: bool = False) -> Path:
     """Where a torch install keeps the scoring graph it exported for ``resident`` (derived data, keyed by the
     base's weights hash)."""
@@ -279,5 +282,3 @@ def open_onnx_engine(resident: ResidentBase, workdir: str | Path, *, int8: bool 
     return OnnxEngine(graph, workdir, fallback=fallback,
                       smoke_fallback=lambda served: smoke_forecast(resident, served).numpy())
 
-
-_EXPORT_LOCK = threading.Lock()

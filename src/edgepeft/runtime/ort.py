@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,7 +229,6 @@ class OnnxEngine:
         self.workdir = Path(workdir)
         self.fallback = fallback
         self.smoke_fallback = smoke_fallback
-        self._lock = threading.Lock()
 
     def idle(self) -> None:
         """Nothing to prepare: the one session is built at start-up."""
