@@ -66,6 +66,7 @@ from edgepeft.detect.scoring import channel_evidence, evidence_weights, slow_sha
 from edgepeft.detect.threshold import ScoreCalibrator, make_threshold
 from edgepeft.models.registry import list_bases, load_base, load_card, state_sha256
 from edgepeft.peft import PeftConfig, get_method, list_methods, parameter_report
+from edgepeft.peft.shared import load_shared, read_global_adapter
 from edgepeft.train.adapt import AdaptConfig, adapt
 from edgepeft.train.quant import PRECISIONS, simulate_int8_base
 
@@ -111,6 +112,7 @@ class AnomalyDetector(ScoringCore):
         evidence: str = EVIDENCE_AUTO,
         state_window: int = 16,
         base_precision: str = "fp32",
+        init_adapter: str | None = None,
     ) -> None:
         self.base = base
         self.method = method
@@ -133,6 +135,7 @@ class AnomalyDetector(ScoringCore):
         self.evidence = evidence
         self.state_window = state_window
         self.base_precision = base_precision
+        self.init_adapter = init_adapter
 
     # ------------------------------------------------------------------ validation
     def _check_params(self) -> None:
@@ -184,6 +187,8 @@ class AnomalyDetector(ScoringCore):
         self.peft_config_ = self._peft_config()
         torch.manual_seed(self.seed)
         model = method.attach(base_model, self.peft_config_)
+        if self.init_adapter is not None:  # start from a global (e.g. federated) adapter: personalisation
+            self._load_init_adapter(model)
         if self.base_precision == "int8":  # quantisation-aware: adapt and calibrate on the device's int8 arithmetic
             simulate_int8_base(model)
         lr = self.lr if self.lr is not None else method.default_lr
@@ -204,6 +209,13 @@ class AnomalyDetector(ScoringCore):
             "n_calib_rows": n_calib,
         }
         return self
+
+    def _load_init_adapter(self, model: nn.Module) -> None:
+        tensors, meta = read_global_adapter(self.init_adapter, self.base, self.peft_config_)
+        if meta.get("base_sha256") and meta["base_sha256"] != self.base_sha256_:
+            raise ArtifactError(f"{self.init_adapter} was trained on another version of base {self.base!r} "
+                                f"(sha256 {meta['base_sha256'][:12]}, this one {self.base_sha256_[:12]})")
+        load_shared(model, tensors)
 
     def calibrate(self, scaled: np.ndarray, n_fit: int) -> np.ndarray:
         """Everything after adaptation, from the asset's normal rows (scaled) of which the first ``n_fit`` trained

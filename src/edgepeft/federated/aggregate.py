@@ -38,7 +38,6 @@ import numpy as np
 from edgepeft.core.errors import ConfigError
 
 Update = Mapping[str, np.ndarray]
-A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
 
 def _weights(updates: Sequence[Update], weights: Sequence[float] | None) -> np.ndarray:
@@ -71,18 +70,26 @@ def fedavg(updates: Sequence[Update], weights: Sequence[float] | None = None) ->
                      ).astype(np.float32) for key in keys}
 
 
-def _modules(keys: Sequence[str]) -> list[str]:
-    modules = [key[: -len(A_SUFFIX)] for key in keys if key.endswith(A_SUFFIX)]
-    missing = [m for m in modules if m + B_SUFFIX not in keys]
-    if not modules or missing:
+def lora_pairs(keys: Sequence[str]) -> list[tuple[str, str]]:
+    """(A key, B key) of every LoRA module among tensor keys: peft's saved names (``m.lora_A.weight``) or an
+    attached model's (``m.lora_A.default.weight``)."""
+    pairs = [(key, key.replace(".lora_A.", ".lora_B.")) for key in keys if ".lora_A." in key]
+    missing = [a for a, b in pairs if b not in keys]
+    if not pairs or missing:
         raise ConfigError(f"LoRA aggregation needs lora_A/lora_B pairs; missing {missing[:2] or 'every pair'}")
-    return modules
+    return pairs
 
 
-def lora_delta(updates: Sequence[Update], weights: Sequence[float] | None, module: str) -> np.ndarray:
-    """``sum_i w_i B_i A_i`` of one module (weights normalised): the exact average of the clients' updates."""
+def _is_factor(key: str) -> bool:
+    return ".lora_A." in key or ".lora_B." in key
+
+
+def lora_delta(updates: Sequence[Update], weights: Sequence[float] | None, a_key: str) -> np.ndarray:
+    """``sum_i w_i B_i A_i`` of one module, named by its A key (weights normalised): the exact average of the
+    clients' updates."""
     w = _weights(updates, weights)
-    return sum(wi * np.asarray(u[module + B_SUFFIX], np.float64) @ np.asarray(u[module + A_SUFFIX], np.float64)
+    b_key = a_key.replace(".lora_A.", ".lora_B.")
+    return sum(wi * np.asarray(u[b_key], np.float64) @ np.asarray(u[a_key], np.float64)
                for wi, u in zip(w, updates, strict=True))
 
 
@@ -91,12 +98,11 @@ def aggregate_lora_stacked(updates: Sequence[Update], weights: Sequence[float] |
     """Exact LoRA aggregation by stacking: rank ``sum_i r_i`` (grows with the clients). Other tensors: FedAvg."""
     w = _weights(updates, weights)
     keys = _check_same_keys(updates)
-    modules = _modules(keys)
-    out = {k: v for k, v in fedavg(updates, w).items() if not k.endswith((A_SUFFIX, B_SUFFIX))}
-    for module in modules:
-        out[module + A_SUFFIX] = np.concatenate([u[module + A_SUFFIX] for u in updates], axis=0).astype(np.float32)
-        out[module + B_SUFFIX] = np.concatenate([wi * np.asarray(u[module + B_SUFFIX]) for wi, u in
-                                                 zip(w, updates, strict=True)], axis=1).astype(np.float32)
+    out = {k: v for k, v in fedavg(updates, w).items() if not _is_factor(k)}
+    for a_key, b_key in lora_pairs(keys):
+        out[a_key] = np.concatenate([u[a_key] for u in updates], axis=0).astype(np.float32)
+        out[b_key] = np.concatenate([wi * np.asarray(u[b_key]) for wi, u in zip(w, updates, strict=True)],
+                                    axis=1).astype(np.float32)
     return out
 
 
@@ -104,23 +110,22 @@ def aggregate_lora_svd(updates: Sequence[Update], weights: Sequence[float] | Non
                        ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """The exact average update of each module re-factorised to ``rank`` (default: the clients' rank) by a truncated
     SVD, split evenly between the factors (``B = U sqrt(S)``, ``A = sqrt(S) V^T``). Returns the adapter and, per
-    module, the relative Frobenius norm of what the truncation dropped (0.0: exact). Other tensors: FedAvg."""
+    module (its A key), the relative Frobenius norm of what the truncation dropped (0.0: exact). Other tensors:
+    FedAvg."""
     w = _weights(updates, weights)
     keys = _check_same_keys(updates)
-    modules = _modules(keys)
-    out = {k: v for k, v in fedavg(updates, w).items() if not k.endswith((A_SUFFIX, B_SUFFIX))}
+    out = {k: v for k, v in fedavg(updates, w).items() if not _is_factor(k)}
     dropped: dict[str, float] = {}
-    for module in modules:
-        r = rank if rank is not None else int(np.shape(updates[0][module + A_SUFFIX])[0])
+    for a_key, b_key in lora_pairs(keys):
+        r = rank if rank is not None else int(np.shape(updates[0][a_key])[0])
         if r < 1:
             raise ConfigError(f"rank must be >= 1, got {r}")
-        delta = lora_delta(updates, w, module)
-        u, s, vt = np.linalg.svd(delta, full_matrices=False)
+        u, s, vt = np.linalg.svd(lora_delta(updates, w, a_key), full_matrices=False)
         root = np.sqrt(s[:r])
-        out[module + B_SUFFIX] = (u[:, :r] * root).astype(np.float32)
-        out[module + A_SUFFIX] = (root[:, None] * vt[:r]).astype(np.float32)
+        out[b_key] = (u[:, :r] * root).astype(np.float32)
+        out[a_key] = (root[:, None] * vt[:r]).astype(np.float32)
         total = float(np.sqrt((s**2).sum()))
-        dropped[module] = float(np.sqrt((s[r:] ** 2).sum())) / total if total > 0 else 0.0
+        dropped[a_key] = float(np.sqrt((s[r:] ** 2).sum())) / total if total > 0 else 0.0
     return out, dropped
 
 
@@ -128,4 +133,4 @@ def shared_a(updates: Sequence[Update], atol: float = 0.0) -> bool:
     """True when every client's ``A`` matrices are the same (FFA-LoRA): then :func:`fedavg` of ``B`` is exact."""
     keys = _check_same_keys(updates)
     return all(np.allclose(u[k], updates[0][k], rtol=0.0, atol=atol) for u in updates[1:] for k in keys
-               if k.endswith(A_SUFFIX))
+               if ".lora_A." in k)

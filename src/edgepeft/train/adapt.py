@@ -200,6 +200,61 @@ def cached_windows(
     return gather_windows(series, starts, window_len, patch_len)
 
 
+@dataclass
+class FeatureCache:
+    """The frozen temporal features of a set of windows, computed once (TinyTL-style feature caching).
+
+    The temporal blocks are frozen and channel-independent, so under the forecast mask their output per window is
+    fixed, and a blind (fully hidden) channel's output is one constant vector (``blank``): a training batch is then
+    the channel blocks and head alone on cached rows (:meth:`batch`).
+    """
+
+    feats: torch.Tensor  # (W, C, N+1, D)
+    mean: torch.Tensor
+    std: torch.Tensor
+    windows: torch.Tensor  # (W, L, C): the targets
+    pad: torch.Tensor  # (W, C, N)
+    blank: torch.Tensor  # (N+1, D)
+
+    @classmethod
+    def build(cls, encoder: nn.Module, windows: np.ndarray, pad: np.ndarray) -> FeatureCache:
+        hidden = pad.copy()
+        hidden[:, :, -1] = True
+        with torch.no_grad():
+            parts = [encoder.temporal_features(torch.from_numpy(windows[start : start + 256]),
+                                               torch.from_numpy(hidden[start : start + 256]))
+                     for start in range(0, len(windows), 256)]
+            blank = encoder.hidden_channel_features()
+        feats, means, stds = (torch.cat([part[i] for part in parts]) for i in range(3))
+        return cls(feats, means, stds, torch.from_numpy(windows), torch.from_numpy(pad), blank)
+
+    def __len__(self) -> int:
+        return len(self.feats)
+
+    def batch(self, index: torch.Tensor, rng: np.random.Generator, blind_share: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features, means, stds, targets and target patches of windows ``index``: the last patch forecast, and
+        for a ``blind_share`` of them one random channel hidden entirely (its blind prediction)."""
+        size, n_channels, n_patches = len(index), self.pad.shape[1], self.pad.shape[2]
+        feat, mean, std = self.feats[index].clone(), self.mean[index].clone(), self.std[index].clone()
+        target = torch.zeros(size, n_channels, n_patches, dtype=torch.bool)
+        target[:, :, -1] = True
+        blind_rows = torch.from_numpy(np.flatnonzero(rng.random(size) < blind_share))
+        blind_channels = torch.from_numpy(rng.integers(0, n_channels, size=len(blind_rows)))
+        if len(blind_rows):
+            feat[blind_rows, blind_channels] = self.blank
+            mean[blind_rows, blind_channels] = 0.0
+            std[blind_rows, blind_channels] = 1.0
+            target[blind_rows, blind_channels] = True
+        target &= ~self.pad[index]
+        return feat, mean, std, self.windows[index], target
+
+
+def blind_share(cfg: AdaptConfig, n_channels: int) -> float:
+    """The share of cached training windows that train a blind prediction (none with a single channel)."""
+    return cfg.blind_prob / max(cfg.blind_prob + cfg.forecast_prob, 1e-9) if n_channels > 1 else 0.0
+
+
 def _adapt_cached(
     model: nn.Module,
     encoder: nn.Module,
@@ -210,46 +265,15 @@ def _adapt_cached(
     rng: np.random.Generator,
     progress: Callable[[int, float], None] | None,
 ) -> AdaptResult:
-    """Train only the channel blocks on cached frozen temporal features (TinyTL-style feature caching).
-
-    The temporal blocks are frozen and channel-independent, so under the forecast mask their output
-    per window is fixed, and a blind (fully hidden) channel's output is one constant vector: both are
-    computed once, then each step runs the channel blocks and head alone.
-    """
-    window_len, patch_len = encoder.window_len, encoder.patch_len
-    windows, pad = cached_windows(series, window_len, patch_len, cfg.max_cached_windows)
-    hidden = pad.copy()
-    hidden[:, :, -1] = True
-    with torch.no_grad():
-        features, means, stds = [], [], []
-        for start in range(0, len(windows), 256):
-            f, m, sd = encoder.temporal_features(
-                torch.from_numpy(windows[start : start + 256]), torch.from_numpy(hidden[start : start + 256])
-            )
-            features.append(f)
-            means.append(m)
-            stds.append(sd)
-        feats, mean_all, std_all = torch.cat(features), torch.cat(means), torch.cat(stds)
-        blank = encoder.hidden_channel_features()  # (N+1, D)
-    targets_all = torch.from_numpy(windows)
-    n_windows, n_channels, n_patches = pad.shape
-    pad_t = torch.from_numpy(pad)
-    blind_share = cfg.blind_prob / max(cfg.blind_prob + cfg.forecast_prob, 1e-9) if n_channels > 1 else 0.0
+    """Train only the channel blocks on cached frozen temporal features (:class:`FeatureCache`)."""
+    cache = FeatureCache.build(encoder, *cached_windows(series, encoder.window_len, encoder.patch_len,
+                                                       cfg.max_cached_windows))
+    share = blind_share(cfg, cache.pad.shape[1])
 
     def step_losses() -> Iterator[torch.Tensor]:
-        index = torch.from_numpy(rng.integers(0, n_windows, size=cfg.batch_size))
-        feat, mean, std = feats[index].clone(), mean_all[index].clone(), std_all[index].clone()
-        target = torch.zeros(cfg.batch_size, n_channels, n_patches, dtype=torch.bool)
-        target[:, :, -1] = True
-        blind_rows = torch.from_numpy(np.flatnonzero(rng.random(cfg.batch_size) < blind_share))
-        blind_channels = torch.from_numpy(rng.integers(0, n_channels, size=len(blind_rows)))
-        if len(blind_rows):
-            feat[blind_rows, blind_channels] = blank
-            mean[blind_rows, blind_channels] = 0.0
-            std[blind_rows, blind_channels] = 1.0
-            target[blind_rows, blind_channels] = True
-        target &= ~pad_t[index]
-        windows, total = targets_all[index], target_count(target)
+        index = torch.from_numpy(rng.integers(0, len(cache), size=cfg.batch_size))
+        feat, mean, std, windows, target = cache.batch(index, rng, share)
+        total = target_count(target)
         for part in cfg.chunks():
             yield patch_loss(encoder.mix(feat[part], mean[part], std[part]), windows[part], target[part], total)
 

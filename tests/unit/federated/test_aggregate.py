@@ -39,11 +39,11 @@ def test_fedavg_of_factors_is_not_the_average_update_and_exact_schemes_are() -> 
     naive, stacked = fedavg(clients, weights), aggregate_lora_stacked(clients, weights)
     svd, dropped = aggregate_lora_svd(clients, weights, rank=8)  # rank >= the sum of the clients' ranks: exact
     for module in MODULES:
-        exact = lora_delta(clients, weights, module)
+        exact = lora_delta(clients, weights, f"{module}.lora_A.weight")
         assert np.linalg.norm(_product(naive, module) - exact) > 0.1 * np.linalg.norm(exact)
         np.testing.assert_allclose(_product(stacked, module), exact, atol=1e-5)
         np.testing.assert_allclose(_product(svd, module), exact, atol=1e-5)
-        assert dropped[module] < 1e-6
+        assert dropped[f"{module}.lora_A.weight"] < 1e-6
         assert stacked[f"{module}.lora_A.weight"].shape == (8, 6)  # rank 4 x 2
     expected_bias = sum(w * c["bias"] for w, c in zip(weights, clients, strict=True)) / 10
     np.testing.assert_allclose(stacked["bias"], expected_bias, atol=1e-6)
@@ -53,11 +53,11 @@ def test_svd_at_the_clients_rank_is_the_best_rank_r_approximation() -> None:
     clients = _clients(rank=2)
     svd, dropped = aggregate_lora_svd(clients)
     for module in MODULES:
-        exact = lora_delta(clients, None, module)
+        exact = lora_delta(clients, None, f"{module}.lora_A.weight")
         s = np.linalg.svd(exact, compute_uv=False)
         error = np.linalg.norm(_product(svd, module) - exact)
         assert error == pytest.approx(np.sqrt((s[2:] ** 2).sum()), rel=1e-4)
-        assert dropped[module] == pytest.approx(error / np.linalg.norm(exact), rel=1e-4)
+        assert dropped[f"{module}.lora_A.weight"] == pytest.approx(error / np.linalg.norm(exact), rel=1e-4)
         assert svd[f"{module}.lora_A.weight"].shape == (2, 6)
 
 
@@ -66,7 +66,7 @@ def test_with_a_shared_frozen_a_fedavg_is_exact() -> None:
     assert shared_a(clients) and not shared_a(_clients())
     averaged = fedavg(clients, [3, 1, 1, 1])
     for module in MODULES:
-        np.testing.assert_allclose(_product(averaged, module), lora_delta(clients, [3, 1, 1, 1], module), atol=1e-5)
+        np.testing.assert_allclose(_product(averaged, module), lora_delta(clients, [3, 1, 1, 1], f"{module}.lora_A.weight"), atol=1e-5)
 
 
 def test_bad_input_is_refused() -> None:
