@@ -26,6 +26,7 @@ from edgepeft.core.errors import EdgePeftError, OutputError
 
 # What only the training install has (the `train` extra): a device install lacks them on purpose.
 TRAINING_MODULES = frozenset({"torch", "peft", "sklearn", "pyod", "scipy", "matplotlib", "onnx", "psutil"})
+FEDERATED_MODULES = frozenset({"flwr", "opacus", "ray"})
 
 app = typer.Typer(
     add_completion=False,
@@ -124,6 +125,8 @@ def adapt(
     drop: Annotated[str | None, typer.Option(help="Columns to ignore, e.g. anomaly,changepoint.")] = None,
     base_precision: Annotated[str, typer.Option(help="fp32, or int8: adapt and calibrate against the int8 base "
                                                 "(for `serve --graph` with an int8 graph; LoRA only).")] = "fp32",
+    init_adapter: Annotated[Path | None, typer.Option(help="Start from a global adapter (e.g. written by "
+                                                      "`edgepeft federate`) instead of the base alone.")] = None,
 ) -> None:
     """Train a per-asset adapter on normal data and calibrate its alarm threshold."""
     from edgepeft.data.csvio import read_sensor_csv
@@ -141,7 +144,8 @@ def adapt(
     frame = pd.DataFrame(values, columns=table.channels)
     det = AnomalyDetector(base=base, method=method, rank=rank, steps=steps, seed=seed,
                           target_far=target_far, threshold=threshold, raise_after=raise_after,
-                          clear_after=clear_after, base_precision=base_precision)
+                          clear_after=clear_after, base_precision=base_precision,
+                          init_adapter=None if init_adapter is None else str(init_adapter))
     with _progress() as progress:
         task = progress.add_task(f"adapting {method} on {base}", total=steps, status="")
 
@@ -284,6 +288,7 @@ def _mount_layer_commands() -> None:
     from edgepeft.bench import stream_commands
     from edgepeft.bench.commands import bench_app
     from edgepeft.delta import commands as delta_commands
+    from edgepeft.federated import commands as federated_commands
     from edgepeft.runtime import commands as runtime_commands
 
     for name in ("keygen", "pack", "verify", "inspect"):
@@ -292,6 +297,7 @@ def _mount_layer_commands() -> None:
     app.command("export-onnx")(runtime_commands.export_onnx)
     app.command("export-c")(runtime_commands.export_c)
     app.command("stream")(stream_commands.stream)
+    app.command("federate")(federated_commands.federate)
     bench_app.command("stream")(stream_commands.bench_stream)
     bench_app.command("drift")(stream_commands.bench_drift)
     app.add_typer(bench_app, name="bench", help="Benchmarks: quality and measured costs, side by side.")
@@ -357,7 +363,12 @@ def main() -> None:
         console.print("[red]interrupted[/]")
         sys.exit(130)
     except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] not in TRAINING_MODULES:
+        missing = (exc.name or "").split(".")[0]
+        if missing in FEDERATED_MODULES:
+            _error(f"`edgepeft federate` needs the federated install ({missing} is not installed): "
+                   "pip install 'edgepeft[train,federated]'")
+            sys.exit(2)
+        if missing not in TRAINING_MODULES:
             raise
         # A device install (numpy + ONNX Runtime) serves and verifies; training, scoring offline and benchmarks
         # need the training side's libraries.

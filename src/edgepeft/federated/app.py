@@ -35,7 +35,16 @@ from typing import Any
 
 import numpy as np
 from flwr.client import Client, ClientApp, NumPyClient
-from flwr.common import Array, ArrayRecord, Context, FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    Array,
+    ArrayRecord,
+    Context,
+    FitIns,
+    FitRes,
+    Parameters,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy

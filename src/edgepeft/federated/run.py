@@ -38,17 +38,26 @@ class FederationResult:
     summary: dict[str, Any]
 
 
+def _not_deprecation(record: logging.LogRecord) -> bool:
+    # Flower 1.42 marks run_simulation deprecated in favour of `flwr run`, which needs a packaged app: the Python
+    # entry point is still what runs a simulation from our own command.
+    return "DEPRECATED FEATURE" not in record.getMessage()
+
+
 @contextlib.contextmanager
 def quiet_flower(verbose: bool) -> Iterator[None]:
     """Flower and Ray log every round at INFO; keep their warnings and errors unless ``verbose``."""
     names = ("flwr", "ray")
     levels = {name: logging.getLogger(name).level for name in names}
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs are asked for: silence its tip
     if not verbose:
         for name in names:
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("flwr").addFilter(_not_deprecation)
     try:
         yield
     finally:
+        logging.getLogger("flwr").removeFilter(_not_deprecation)
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
 
