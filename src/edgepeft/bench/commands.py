@@ -237,3 +237,43 @@ def channels(
         console.print(f"{row['channels']:>3} channels: {row['values_per_s']:>10,.0f} values/s one pass, "
                       f"{row['copies_values_per_s']:>10,.0f} with C copies", highlight=False)
     _print_targets(results, folder, console)
+
+
+@bench_app.command()
+def federated(
+    out: Annotated[Path | None, typer.Option(help="Output folder (default bench-out/federated). Parts already "
+                                             "there are reused: a killed run resumes.")] = None,
+    suites: Annotated[str, typer.Option(help="Comma list of asd, fleet.")] = "asd,fleet",
+    pumps: Annotated[int, typer.Option(min=2, help="Pumps in the fleet's federation.")] = 50,
+    new_pumps: Annotated[int, typer.Option(min=1, help="Pumps outside it (cold start).")] = 10,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 5,
+    local_steps: Annotated[int, typer.Option(min=1, help="Local steps per client per round.")] = 20,
+    personalise_steps: Annotated[int, typer.Option(min=0, help="Local fine-tuning from the global adapter.")] = 30,
+    cold_rows: Annotated[int, typer.Option(min=100, help="Normal rows of a cold-start asset.")] = 150,
+    epsilons: Annotated[str, typer.Option(help="DP-SGD epsilons (comma list; empty: none).")] = "1,4,8",
+    secagg: Annotated[bool, typer.Option(help="Also run the FFA federation under SecAgg+ (its cost).")] = True,
+    scale_clients: Annotated[int, typer.Option(min=0, help="Clients of the scale run (0: none).")] = 1000,
+    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate only the first N member assets (smoke).")] = None,
+    seed: SeedOpt = 0,
+    data: Annotated[Path, typer.Option("--data", help="Folder holding asd/.")] = Path("../shared/datasets"),
+) -> None:
+    """Federated adapters (FedAvg, FFA-LoRA, SVD; with DP-SGD; personalised) vs local-only and centralised, cold
+    start, communication, SecAgg+ cost and a 1,000-client simulation, in one run."""
+    from edgepeft.bench.federated_bench import run_federated_bench
+    from edgepeft.core.errors import ConfigError
+
+    chosen = tuple(part.strip() for part in suites.split(",") if part.strip())
+    unknown = [suite for suite in chosen if suite not in ("asd", "fleet")]
+    if unknown:
+        raise ConfigError(f"--suites lists unknown suites {unknown}; choose among asd, fleet")
+    try:
+        eps = tuple(float(part) for part in epsilons.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"--epsilons must be numbers separated by commas, got {epsilons!r}") from None
+    if any(not e > 0 for e in eps):
+        raise ConfigError(f"--epsilons must be > 0, got {epsilons!r}")
+    folder = _out(out, "federated")
+    results = run_federated_bench(folder, data=data, suites=chosen, pumps=pumps, new_pumps=new_pumps, rounds=rounds,
+                                  local_steps=local_steps, personalise_steps=personalise_steps, cold_rows=cold_rows,
+                                  epsilons=eps, secagg=secagg, scale_clients=scale_clients, limit=limit, seed=seed)
+    _print_targets(results, folder)

@@ -41,6 +41,7 @@ from flwr.common import (
     Context,
     FitIns,
     FitRes,
+    Message,
     Parameters,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
@@ -59,6 +60,10 @@ from edgepeft.federated.task import FederatedConfig, GlobalState, initial_state,
 log = logging.getLogger("edgepeft.federated")
 
 CHECKPOINT_FILE = "checkpoint.npz"
+# A client's weight in the average is its number of training windows, capped: one asset (or one client that
+# claims a huge count) cannot dominate the global adapter, and SecAgg+ quantises each update scaled by
+# weight / MAX_WEIGHT, so the cap is also its max_weight.
+MAX_WEIGHT = 10_000
 HISTORY_FILE = "history.json"
 TAGS_RECORD = "edgepeft.channel_tags"
 
@@ -93,6 +98,8 @@ class RunSettings:
     def __post_init__(self) -> None:
         if not 0 < self.fraction_fit <= 1 or self.min_clients < 1:
             raise ConfigError("fraction_fit must be in (0, 1] and min_clients >= 1")
+        if self.secagg and self.min_clients < 3:
+            raise ConfigError("SecAgg+ needs at least 3 clients per round (min_clients >= 3)")
         if self.central_dp_noise is not None and (self.central_dp_noise < 0 or not self.central_dp_clip > 0):
             raise ConfigError("central_dp_noise must be >= 0 and central_dp_clip > 0")
 
@@ -120,6 +127,8 @@ class AdapterStrategy(FedAvg):
             accept_failures=True,
         )
         self._round_started = time.perf_counter()
+        self.meter: MeteredGrid | None = None  # set by run_server: the bytes on the wire
+        self._metered = (0, 0)
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager
                       ) -> list[tuple[ClientProxy, FitIns]]:
@@ -161,7 +170,9 @@ class AdapterStrategy(FedAvg):
                 rejected.append({"client": client, "reason": reason})
                 log.warning("round %d: rejected the update of %s: %s", round_index, client, reason)
                 continue
-            accepted.append((dict(zip(self.state.wire, arrays, strict=True)), res.num_examples, dict(res.metrics)))
+            # Client-level DP (Flower's central DP) calibrates its noise for an unweighted mean: equal weights.
+            weight = 1 if self.run.central_dp_noise is not None else min(int(res.num_examples), MAX_WEIGHT)
+            accepted.append((dict(zip(self.state.wire, arrays, strict=True)), weight, dict(res.metrics)))
         for failure in failures:
             reason = repr(failure[1].status.message) if isinstance(failure, tuple) else str(failure)
             rejected.append({"client": "?", "reason": f"failed: {reason[:200]}"})
@@ -198,6 +209,10 @@ class AdapterStrategy(FedAvg):
         epsilons = [float(m["epsilon"]) for m in metrics if "epsilon" in m]
         losses = [float(m["loss"]) for m in metrics if "loss" in m and np.isfinite(float(m["loss"]))]
         wire = int(sum(self.state.tensors[n].nbytes for n in self.state.wire))
+        down, up = (self.meter.down, self.meter.up) if self.meter is not None else (0, 0)
+        sent = (down - self._metered[0], up - self._metered[1])
+        self._metered = (down, up)
+        participants = max(len(accepted) + len(rejected), 1)
         return {
             "round": round_index,
             "clients": len(accepted),
@@ -207,8 +222,9 @@ class AdapterStrategy(FedAvg):
                                                       and np.isfinite(float(m["loss"]))])) if losses else None,
             "epsilon_max": max(epsilons) if epsilons else None,
             "epsilon": {str(m.get("asset")): float(m["epsilon"]) for m in metrics if "epsilon" in m},
-            "bytes_up_per_client": wire,
-            "bytes_down_per_client": wire,
+            "tensor_bytes_per_client": wire,  # the adapter tensors each way
+            "message_bytes_down_per_client": sent[0] / participants,  # all the round's messages, config included
+            "message_bytes_up_per_client": sent[1] / participants,
             "seconds": time.perf_counter() - self._round_started,
         }
 
@@ -241,22 +257,63 @@ def load_checkpoint(out: Path, fresh: GlobalState) -> tuple[GlobalState, int, li
     return GlobalState(tensors, fresh.wire, digest), done, [h for h in history if h["round"] <= done]
 
 
-class _TimeoutGrid:
-    """A Grid whose ``send_and_receive`` waits at most ``timeout`` seconds: results of stragglers are dropped
-    (the default fit workflow has no timeout of its own)."""
+def _value_bytes(value: Any) -> int:
+    if isinstance(value, bytes | str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_value_bytes(item) for item in value)
+    return 8  # a number
 
-    def __init__(self, grid: Grid, timeout: float) -> None:
+
+def _content_bytes(message: Any) -> int:
+    """Bytes of a message's records: array data, and keys and values of config and metric records. Our own
+    count: Flower 1.42's ``ConfigRecord.count_bytes`` fails on an empty list (SecAgg+ sends some)."""
+    if not message.has_content():
+        return 0
+    total = 0
+    for record in message.content.values():
+        for key, value in record.items():
+            data = getattr(value, "data", None)
+            total += len(key) + (len(data) if isinstance(data, bytes) else _value_bytes(value))
+    return total
+
+
+class MeteredGrid:
+    """A Grid that counts the bytes of every message's content each way (``down``: server to clients, ``up``:
+    clients to server; SecAgg+'s extra stages included) and, with ``timeout``, waits at most that many seconds per
+    exchange: results of stragglers are dropped (the default fit workflow has no timeout of its own)."""
+
+    def __init__(self, grid: Grid, timeout: float | None = None) -> None:
         self._grid, self._timeout = grid, timeout
+        self.down = self.up = 0
 
     def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
-        return self._grid.send_and_receive(messages, timeout=self._timeout if timeout is None else timeout)
+        messages = list(messages)
+        self.down += sum(_content_bytes(m) for m in messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=self._timeout if timeout is None else timeout))
+        self.up += sum(_content_bytes(m) for m in replies)
+        return replies
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
 
-def run_server(grid: Grid, context: Context, cfg: FederatedConfig, run: RunSettings) -> GlobalState:
-    """The ServerApp's body: resume or start, run the remaining rounds, leave the global adapter in ``run.out``."""
+def secagg_workflow(run: RunSettings, n_clients: int | None = None) -> SecAggPlusWorkflow:
+    """SecAgg+ for rounds of about ``n_clients`` (default ``run.min_clients``): each client's secret shared with an odd
+    number of others, at most 7 (with all N the cost grows as N^2; an even count halts rounds in Flower 1.42), any
+    majority of them reconstructs a dropped client's mask."""
+    sampled = max(n_clients or run.min_clients, 3)
+    shares = min(sampled if sampled % 2 else sampled - 1, 7)
+    return SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=shares // 2 + 1, max_weight=MAX_WEIGHT,
+                              timeout=run.round_timeout)
+
+
+def run_server(grid: Grid, context: Context, cfg: FederatedConfig, run: RunSettings, n_clients: int | None = None
+               ) -> GlobalState:
+    """The ServerApp's body: resume or start, run the remaining rounds, leave the global adapter in ``run.out``.
+    ``n_clients``: the clients expected (default: those connected when it starts)."""
+    n_clients = n_clients or max(len(list(grid.get_node_ids())), run.min_clients)
+    per_round = max(int(n_clients * run.fraction_fit), run.min_clients)
     out = Path(run.out)
     state, done, history = load_checkpoint(out, initial_state(cfg))
     remaining = cfg.rounds - done
@@ -266,14 +323,13 @@ def run_server(grid: Grid, context: Context, cfg: FederatedConfig, run: RunSetti
         if run.central_dp_noise is not None:
             from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping
 
-            sampled = max(run.min_clients, 1)
             strategy = DifferentialPrivacyClientSideFixedClipping(inner, run.central_dp_noise, run.central_dp_clip,
-                                                                  sampled)
-        fit_workflow = SecAggPlusWorkflow(num_shares=0.5, reconstruction_threshold=0.5, max_weight=1e6,
-                                          timeout=run.round_timeout) if run.secagg else None
+                                                                  per_round)
+        fit_workflow = secagg_workflow(run, per_round) if run.secagg else None
         workflow = DefaultWorkflow(fit_workflow=fit_workflow)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
-        workflow(_TimeoutGrid(grid, run.round_timeout) if run.round_timeout else grid, legacy)
+        inner.meter = MeteredGrid(grid, run.round_timeout)
+        workflow(inner.meter, legacy)
         state = inner.state
     return state
 
@@ -328,28 +384,44 @@ class AssetClient(NumPyClient):
         metrics: dict[str, Any] = {"asset": asset.name, "loss": result.loss, "seconds": result.seconds}
         if result.epsilon is not None:
             metrics["epsilon"] = result.epsilon
-        return arrays, result.n_windows, metrics
+        return arrays, min(result.n_windows, MAX_WEIGHT), metrics
 
 
 def client_fn(context: Context) -> Client:
     return AssetClient(context).to_client()
 
 
-def make_client_app(secagg: bool, central_dp: bool) -> ClientApp:
-    """The ClientApp with the mods the server's settings need (SecAgg+, client-side clipping)."""
-    mods = []
-    if central_dp:
-        from flwr.client.mod import fixedclipping_mod
+def _secagg_when_asked(msg: Message, ctxt: Context, call_next: Any) -> Message:
+    """Flower's ``secaggplus_mod`` when the server runs SecAgg+ (its stage configs are in the message), else a
+    pass-through: the mod itself fails on a plain training message, and a SuperNode's ClientApp cannot know in
+    advance which the server will run."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-        mods.append(fixedclipping_mod)
-    if secagg:
-        from flwr.client.mod import secaggplus_mod
-
-        mods.append(secaggplus_mod)
-    return ClientApp(client_fn=client_fn, mods=mods)
+    if msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
 
 
-# Deployment mode: SuperNodes load this; the server's run config says whether SecAgg+ and clipping are on, and a
-# client app cannot read it before its mods run, so the deployment client app carries both mods (each is a no-op
-# when the server does not ask for it).
-client_app = make_client_app(secagg=True, central_dp=False)
+def _clipping_when_asked(msg: Message, ctxt: Context, call_next: Any) -> Message:
+    """Flower's ``fixedclipping_mod`` when the server's central-DP wrapper sends a clipping norm, else a pass-through
+    (the mod raises without one)."""
+    from flwr.app.message_type import MessageType
+    from flwr.client.mod import fixedclipping_mod
+    from flwr.compat.common import recorddict_compat
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    if msg.metadata.message_type == MessageType.TRAIN and msg.has_content():
+        config = recorddict_compat.recorddict_to_fitins(msg.content, keep_input=True).config
+        if KEY_CLIPPING_NORM in config:
+            return fixedclipping_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
+
+
+def make_client_app() -> ClientApp:
+    """The ClientApp: SecAgg+ outermost (it masks what the inner mods and the client produce), then client-side
+    clipping, each active only when the server asks for it."""
+    return ClientApp(client_fn=client_fn, mods=[_secagg_when_asked, _clipping_when_asked])
+
+
+client_app = make_client_app()

@@ -15,6 +15,9 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,15 +88,26 @@ def simulate(cfg: FederatedConfig, run: RunSettings, n_clients: int | None = Non
 
     @server_app.main()
     def main(grid: Any, context: Any) -> None:
-        outcome["state"] = run_server(grid, context, cfg, run)
+        # Wait until every virtual SuperNode is registered: the legacy client manager looks again only every 5 s,
+        # and a round sampled before then would see part of the fleet.
+        deadline = time.monotonic() + 60
+        while len(list(grid.get_node_ids())) < n_clients and time.monotonic() < deadline:
+            time.sleep(0.02)
+        outcome["state"] = run_server(grid, context, cfg, run, n_clients)
 
+    # Ray's session files go to a private folder (short: its socket paths must stay under 108 characters), removed
+    # afterwards; /tmp/ray would otherwise keep every run's.
+    ray_dir = tempfile.mkdtemp(prefix="epray")
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
-                             "logging_level": "error", "log_to_driver": verbose}}
-    with quiet_flower(verbose):
-        run_simulation(server_app=server_app,
-                       client_app=make_client_app(run.secagg, run.central_dp_noise is not None),
-                       num_supernodes=n_clients, backend_config=backend, verbose_logging=False)
+                             "logging_level": "error", "log_to_driver": verbose, "_temp_dir": ray_dir}}
+    try:
+        with quiet_flower(verbose):
+            run_simulation(server_app=server_app,
+                           client_app=make_client_app(),
+                           num_supernodes=n_clients, backend_config=backend, verbose_logging=False)
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
     if "state" not in outcome:
         raise ConfigError("the federation stopped before its server finished; see the log above")
     return finish(cfg, run, outcome["state"], n_clients)
