@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -174,8 +175,7 @@ class AdapterStrategy(FedAvg):
             weight = 1 if self.run.central_dp_noise is not None else min(int(res.num_examples), MAX_WEIGHT)
             accepted.append((dict(zip(self.state.wire, arrays, strict=True)), weight, dict(res.metrics)))
         for failure in failures:
-            reason = repr(failure[1].status.message) if isinstance(failure, tuple) else str(failure)
-            rejected.append({"client": "?", "reason": f"failed: {reason[:200]}"})
+            rejected.append({"client": "?", "reason": f"failed: {_failure_reason(failure)}"})
         new_state, note = self.state, ""
         if len(accepted) < self.run.min_clients:
             note = f"only {len(accepted)} usable updates (min_clients {self.run.min_clients}): global kept"
@@ -227,6 +227,15 @@ class AdapterStrategy(FedAvg):
             "message_bytes_up_per_client": sent[1] / participants,
             "seconds": time.perf_counter() - self._round_started,
         }
+
+
+def _failure_reason(failure: Any) -> str:
+    """The client's own exception (``RuntimeError: disk full``) out of Flower's and Ray's wrapping of it."""
+    text = failure[1].status.message if isinstance(failure, tuple) else str(failure)
+    raised = re.findall(r"\b(\w+(?:Error|Exception|Exit)): ([^\n'\\]+)", text)
+    own = [f"{kind}: {message.strip()}" for kind, message in raised if kind not in ("ClientAppException",
+                                                                                    "RayTaskError")]
+    return own[-1][:200] if own else " ".join(text.split())[:200]
 
 
 def save_checkpoint(out: Path, state: GlobalState, round_index: int, history: list[dict[str, Any]]) -> None:

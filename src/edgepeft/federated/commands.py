@@ -41,9 +41,12 @@ def federate(
     detectors: Annotated[bool, typer.Option(help="Write each asset's calibrated detector under OUT/detectors "
                                             "(pack one with `edgepeft pack`).")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the adapter's initialisation and the local sampling.")] = 0,
+    deployment: Annotated[bool, typer.Option("--deployment", help="Deployment mode: a Flower SuperLink and one "
+                                             "SuperNode per client as real processes on loopback, `flwr run` "
+                                             "(instead of the simulation engine).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Flower's and Ray's own logs.")] = False,
 ) -> None:
-    """Federated PEFT: one adapter learned across assets with Flower (simulation), no data leaving an asset."""
+    """Federated PEFT: one adapter learned across assets with Flower, no data leaving an asset."""
     from edgepeft.federated.app import RunSettings
     from edgepeft.federated.data import load_partition, partition_count
     from edgepeft.federated.run import simulate
@@ -54,7 +57,12 @@ def federate(
     run = RunSettings(data=data, out=str(out), fraction_fit=fraction_fit, min_clients=min_clients, secagg=secagg,
                       central_dp_noise=central_dp_noise, round_timeout=round_timeout)
     n_assets = partition_count(data)
-    result = simulate(cfg, run, clients, verbose=verbose)
+    if deployment:
+        from edgepeft.federated.deploy import deploy
+
+        result = deploy(cfg, run, clients, keep_logs=verbose)
+    else:
+        result = simulate(cfg, run, clients, verbose=verbose)
     table = Table("round", "clients", "rejected", "loss", "epsilon (max)", "seconds", title="federation")
     for row in result.history:
         table.add_row(str(row["round"]), str(row["clients"]), str(len(row["rejected"])),
