@@ -146,6 +146,10 @@ def adapt(
                           target_far=target_far, threshold=threshold, raise_after=raise_after,
                           clear_after=clear_after, base_precision=base_precision,
                           init_adapter=None if init_adapter is None else str(init_adapter))
+    if init_adapter is not None:  # a missing or foreign file fails now, not after a progress bar
+        from edgepeft.peft.shared import read_global_adapter
+
+        read_global_adapter(init_adapter, base, det.peft_config())
     with _progress() as progress:
         task = progress.add_task(f"adapting {method} on {base}", total=steps, status="")
 

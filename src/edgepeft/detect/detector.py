@@ -150,7 +150,8 @@ class AnomalyDetector(ScoringCore):
                               f"adapters only; use method='lora' (got {self.method!r})")
         self._check_scoring_params()
 
-    def _peft_config(self) -> PeftConfig:
+    def peft_config(self) -> PeftConfig:
+        """The PEFT config :meth:`fit` attaches (a global adapter must have been trained with the same)."""
         # Default: adapters in the cross-channel block only. The frozen temporal blocks then run once
         # per window (cached features): much faster adaptation and far less training memory (see
         # `edgepeft bench stream`), at a small cost in AUC in our SKAB exploration;
@@ -184,7 +185,7 @@ class AnomalyDetector(ScoringCore):
         n_fit = n_rows - n_calib
         base_model.set_n_channels(self.n_channels_, seed=self.seed)
         method = get_method(self.method)
-        self.peft_config_ = self._peft_config()
+        self.peft_config_ = self.peft_config()
         torch.manual_seed(self.seed)
         model = method.attach(base_model, self.peft_config_)
         if self.init_adapter is not None:  # start from a global (e.g. federated) adapter: personalisation

@@ -232,6 +232,7 @@ class AdapterStrategy(FedAvg):
 def _failure_reason(failure: Any) -> str:
     """The client's own exception (``RuntimeError: disk full``) out of Flower's and Ray's wrapping of it."""
     text = failure[1].status.message if isinstance(failure, tuple) else str(failure)
+    text = text.replace("\\n", "\n")  # the traceback arrives with its newlines escaped
     raised = re.findall(r"\b(\w+(?:Error|Exception|Exit)): ([^\n'\\]+)", text)
     own = [f"{kind}: {message.strip()}" for kind, message in raised if kind not in ("ClientAppException",
                                                                                     "RayTaskError")]

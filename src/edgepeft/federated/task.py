@@ -110,7 +110,7 @@ class FederatedConfig:
                                calib_fraction=self.calib_fraction, **overrides)
 
     def peft_config(self) -> PeftConfig:
-        return self.detector()._peft_config()
+        return self.detector().peft_config()
 
     def to_record(self) -> dict[str, int | float | str | bool]:
         """As flat config values (Flower's ConfigRecord holds no None)."""
