@@ -186,3 +186,19 @@ def test_deployment_mode_superlink_and_supernodes_as_processes(tmp_path) -> None
                     out=str(tmp_path)), timeout=400)
     assert [h["clients"] for h in result.history] == [2]
     assert result.global_path.exists() and not (tmp_path / "deployment-logs").exists()
+
+
+def test_client_level_dp_clips_every_update_before_the_server_sees_it(tmp_path) -> None:
+    """Flower's client-side clipping wrapper and mod: with a tiny clip and no noise, the global adapter moves by at
+    most the clip per round, whatever the clients' own updates were."""
+    clip = 0.01
+    run = RunSettings(data=DATA, out=str(tmp_path), min_clients=3, central_dp_noise=0.0, central_dp_clip=clip)
+    state, seen, _ = _run(FederatedConfig(rounds=1, local_steps=3, batch_size=8), run, 3)
+    start = initial_state(CFG)
+    moved = np.sqrt(sum(float(np.sum((state.tensors[n] - start.tensors[n]) ** 2)) for n in start.wire))
+    assert 0 < moved <= clip + 1e-6
+    unclipped = _first_round_updates(FederatedConfig(rounds=1, local_steps=3, batch_size=8), 1)[0][0]
+    start_flat = np.concatenate([start.tensors[n].ravel() for n in start.wire])
+    assert np.linalg.norm(unclipped - start_flat) > 10 * clip  # the clip did bite
+    for reply in _concat_replies(seen, 2):
+        assert np.linalg.norm(reply - start_flat) <= clip + 1e-6
