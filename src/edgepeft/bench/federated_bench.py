@@ -10,7 +10,8 @@ on the asset's labelled test rows (best-F1 and VUS-PR, threshold-free):
   ``svd`` (exact average re-factorised); ``-global`` uses the global adapter as is (0 local steps), ``-personal``
   fine-tunes it ``personalise_steps`` on the asset; every variant calibrates its own threshold on its own rows;
 - ``ffa-dp<eps>``: FFA with DP-SGD on every client at epsilon ``eps`` (delta 1e-5), personalised (the fine-tune runs
-  on the asset's own device: it costs no privacy towards the federation).
+  on the asset's own device: it costs no privacy towards the federation);
+- ``zeroshot``: the base with no adapter training (0 steps), its own calibration: what any adapter adds.
 
 Cold start: assets outside the federation with only ``cold_rows`` normal rows: from the base alone vs from the global
 adapter. Communication: bytes per client per round (adapter tensors, and every message with SecAgg+) vs full-model
@@ -228,6 +229,7 @@ def run_suite(suite: SuiteData, out: Path, cfg: FederatedConfig, personalise_ste
         contenders[f"{scheme}-personal"] = (federations[scheme]["global"], personalise_steps)
     for eps in epsilons:
         contenders[f"ffa-dp{eps:g}-personal"] = (federations[f"ffa-dp{eps:g}"]["global"], personalise_steps)
+    contenders["zeroshot"] = (None, 0)  # the base with no adapter training at all: what any adapter adds
     quality: dict[str, Any] = {}
     for name, (init, steps) in contenders.items():
         say(f"{suite.name}: {name} on {n} assets")
