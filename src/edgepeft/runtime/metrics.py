@@ -16,12 +16,25 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 # Request latency buckets (seconds): scoring a batch takes milliseconds; installs take tens to hundreds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SWAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# The device's plain counters: (attribute, metric name, help). Another server (the fleet) passes its own table.
+DEVICE_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("swaps", "edgepeft_swaps_total", "Active-version changes (install+activate, activate, rollback)."),
+    ("installs", "edgepeft_installs_total", "Bundles installed."),
+    ("rejected_bundles", "edgepeft_rejected_bundles_total", "Bundles refused (signature, base, release, format)."),
+    ("load_failures", "edgepeft_load_failures_total", "Installed versions that failed to load at start-up (damaged "
+     "on disk)."),
+    ("unconfirmed_commits", "edgepeft_unconfirmed_commits_total", "State changes made live whose flush to disk "
+     "failed (they may not survive a power cut)."),
+    ("rows_scored", "edgepeft_rows_scored_total", "Rows scored."),
+)
 
 
 class Histogram:
@@ -57,20 +70,24 @@ def _escape(value: str) -> str:
 
 
 class Metrics:
-    """The runtime's counters, histograms and scrape-time gauges."""
+    """The runtime's counters, histograms and scrape-time gauges.
 
-    def __init__(self) -> None:
+    ``counters`` is the table of plain counters, ``(attribute, metric name, help)``; the device's by default.
+    ``swap_histogram`` renders the swap-latency histogram (a device's; a server that never swaps leaves it out).
+    """
+
+    def __init__(self, counters: Sequence[tuple[str, str, str]] = DEVICE_COUNTERS, *,
+                 swap_histogram: bool = True) -> None:
         self._lock = threading.Lock()
         self.requests: dict[tuple[str, int], int] = defaultdict(int)
         self.errors: dict[tuple[str, str], int] = defaultdict(int)
         self.latency = Histogram(LATENCY_BUCKETS)
         self.swap_latency = Histogram(SWAP_BUCKETS)
-        self.swaps = 0
-        self.installs = 0
-        self.rejected_bundles = 0
-        self.load_failures = 0
-        self.unconfirmed_commits = 0
-        self.rows_scored = 0
+        self.counters = tuple(counters)
+        self.swap_histogram = swap_histogram
+        self.swaps = 0  # observe_swap counts here even where no counter named swaps is rendered
+        for attribute, _, _ in self.counters:
+            setattr(self, attribute, 0)
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
@@ -86,8 +103,10 @@ class Metrics:
             self.swap_latency.observe("", seconds)
 
     def count(self, name: str, amount: int = 1) -> None:
-        """Increment one of the plain counters (``installs``, ``rejected_bundles``, ``load_failures``,
-        ``unconfirmed_commits``, ``rows_scored``)."""
+        """Increment one of the plain counters (the device's: ``installs``, ``rejected_bundles``,
+        ``load_failures``, ``unconfirmed_commits``, ``rows_scored``)."""
+        if not any(attribute == name for attribute, _, _ in self.counters):
+            raise KeyError(f"no counter named {name!r}")
         with self._lock:
             setattr(self, name, getattr(self, name) + amount)
 
@@ -114,23 +133,42 @@ class Metrics:
                 "# HELP edgepeft_request_duration_seconds Time to answer a request, by route template.",
                 "# TYPE edgepeft_request_duration_seconds histogram",
                 *self.latency.render("edgepeft_request_duration_seconds", "route"),
-                "# HELP edgepeft_swap_duration_seconds Time from an activation request to the new version live.",
-                "# TYPE edgepeft_swap_duration_seconds histogram",
-                *self.swap_latency.render("edgepeft_swap_duration_seconds", None),
             ]
-            for name, help_text, value in (
-                ("edgepeft_swaps_total", "Active-version changes (install+activate, activate, rollback).",
-                 self.swaps),
-                ("edgepeft_installs_total", "Bundles installed.", self.installs),
-                ("edgepeft_rejected_bundles_total", "Bundles refused (signature, base, release, format).",
-                 self.rejected_bundles),
-                ("edgepeft_load_failures_total", "Installed versions that failed to load at start-up (damaged "
-                 "on disk).", self.load_failures),
-                ("edgepeft_unconfirmed_commits_total", "State changes made live whose flush to disk failed (they "
-                 "may not survive a power cut).", self.unconfirmed_commits),
-                ("edgepeft_rows_scored_total", "Rows scored.", self.rows_scored),
-            ):
-                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
+            if self.swap_histogram:
+                lines += [
+                    "# HELP edgepeft_swap_duration_seconds Time from an activation request to the new version live.",
+                    "# TYPE edgepeft_swap_duration_seconds histogram",
+                    *self.swap_latency.render("edgepeft_swap_duration_seconds", None),
+                ]
+            for attribute, name, help_text in self.counters:
+                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {getattr(self, attribute)}"]
         for name, (help_text, read) in sorted(self._gauges.items()):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {read():g}"]
         return "\n".join(lines) + "\n"
+
+
+class MetricsMiddleware:
+    """ASGI middleware: counts and times every HTTP request by its route *template* (bounded label values)."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.observe_request(route, status, time.perf_counter() - started)

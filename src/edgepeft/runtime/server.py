@@ -28,7 +28,6 @@ import hmac
 import json
 import os
 import secrets
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,7 +39,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, ValidationError
 
 from edgepeft.core.errors import ArtifactError, ConfigError, DataError, EdgePeftError, ModelError, OutputError
-from edgepeft.runtime.metrics import Metrics
+from edgepeft.runtime.metrics import MetricsMiddleware
 from edgepeft.runtime.service import DeviceRuntime
 from edgepeft.runtime.state import TOKEN_FILE, ConflictError, DamagedVersionError, UnknownAssetError
 
@@ -148,34 +147,7 @@ def _auth_dependency(token: str) -> Any:
     return require_token
 
 
-# ---------------------------------------------------------------------------------------------- metrics
-class MetricsMiddleware:
-    """Counts and times every HTTP request by its route *template* (bounded label values)."""
-
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_status(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.observe_request(route, status, time.perf_counter() - started)
-
-
+# ---------------------------------------------------------------------------------------------- errors
 def _status(exc: EdgePeftError) -> int:
     from edgepeft.delta import BundleError
 
