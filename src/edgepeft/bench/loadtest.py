@@ -86,12 +86,9 @@ class ServerProcess:
 
         self.state_dir = Path(self.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        token_file = self.state_dir.parent / f".{self.state_dir.name}.token"
-        token_file.write_text(self.token + "\n")
         self.port = free_port()
         self.log_path = self.state_dir.parent / f".{self.state_dir.name}.server.log"
-        command = [self.python, "-m", "edgepeft.runtime", "serve", "--state", str(self.state_dir),
-                   "--port", str(self.port), "--token-file", str(token_file), *self.args]
+        command = self.command()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -107,6 +104,13 @@ class ServerProcess:
             time.sleep(self.poll_s)
         self.stop()
         raise OutputError(f"server did not answer /health within {self.startup_s:.0f} s:\n{self.log()}")
+
+    def command(self) -> list[str]:
+        """The server's command line (``self.port`` is chosen by then); a subclass serves another app."""
+        token_file = self.state_dir.parent / f".{self.state_dir.name}.token"
+        token_file.write_text(self.token + "\n")
+        return [self.python, "-m", "edgepeft.runtime", "serve", "--state", str(self.state_dir),
+                "--port", str(self.port), "--token-file", str(token_file), *self.args]
 
     def stop(self) -> None:
         """SIGTERM (uvicorn shuts down gracefully), then SIGKILL if it hangs; only our own child is touched."""
