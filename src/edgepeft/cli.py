@@ -27,6 +27,7 @@ from edgepeft.core.errors import EdgePeftError, OutputError
 # What only the training install has (the `train` extra): a device install lacks them on purpose.
 TRAINING_MODULES = frozenset({"torch", "peft", "sklearn", "pyod", "scipy", "matplotlib", "onnx", "psutil"})
 FEDERATED_MODULES = frozenset({"flwr", "opacus", "ray"})
+FLEET_MODULES = frozenset({"sqlalchemy", "alembic", "psycopg"})
 
 app = typer.Typer(
     add_completion=False,
@@ -293,6 +294,7 @@ def _mount_layer_commands() -> None:
     from edgepeft.bench.commands import bench_app
     from edgepeft.delta import commands as delta_commands
     from edgepeft.federated import commands as federated_commands
+    from edgepeft.fleet.commands import fleet_app
     from edgepeft.runtime import commands as runtime_commands
 
     for name in ("keygen", "pack", "verify", "inspect"):
@@ -305,6 +307,7 @@ def _mount_layer_commands() -> None:
     bench_app.command("stream")(stream_commands.bench_stream)
     bench_app.command("drift")(stream_commands.bench_drift)
     app.add_typer(bench_app, name="bench", help="Benchmarks: quality and measured costs, side by side.")
+    app.add_typer(fleet_app, name="fleet", help="The fleet server: registry of devices, bases and signed bundles.")
 
 
 _mount_layer_commands()
@@ -371,6 +374,10 @@ def main() -> None:
         if missing in FEDERATED_MODULES:
             _error(f"`edgepeft federate` needs the federated install ({missing} is not installed): "
                    "pip install 'edgepeft[train,federated]'")
+            sys.exit(2)
+        if missing in FLEET_MODULES:
+            _error(f"`edgepeft fleet` needs the fleet install ({missing} is not installed): "
+                   "pip install 'edgepeft[fleet]'")
             sys.exit(2)
         if missing not in TRAINING_MODULES:
             raise

@@ -37,7 +37,8 @@ MAX_TEXT_FILE_BYTES = 64 * 1024
 
 # Names become paths on devices (asset folders, version folders, adapter files): no separators, no dots
 # first, so no name can climb out of the folder it is written to.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"  # also what the fleet server accepts as a device or asset id
+_NAME = re.compile(NAME_PATTERN)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _KEY_ID = re.compile(r"[0-9a-f]{16}")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"

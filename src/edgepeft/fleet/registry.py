@@ -256,11 +256,18 @@ class Registry:
                       groups: Iterable[str] | None = None, assets: Iterable[str] | None = None,
                       bases: Iterable[str] | None = None, actor: str, reason: str,
                       action: str = "device.update") -> dict[str, Any]:
-        """Replace the lists that are given; the audit entry records each list before and after."""
+        """Replace the lists that are given; the audit entry records each list before and after. A request that
+        changes nothing writes nothing."""
+        wanted = {key: None if value is None else sorted(set(value))
+                  for key, value in (("tags", tags), ("groups", groups), ("assets", assets), ("bases", bases))}
         with self._change(f"updating {device_id!r}") as session:
             device = self._device(session, device_id)
             before = _device_view(device)
-            self._set_links(session, device, tags=tags, groups=groups, assets=assets, bases=bases)
+            if all(value is None or value == before[key] for key, value in wanted.items()):
+                # Nothing changes, so nothing is written: an agent reporting the same inventory every poll
+                # must not grow the audit log.
+                return before
+            self._set_links(session, device, **wanted)
             device.updated_at = now()
             session.flush()
             after = _device_view(device)

@@ -1,0 +1,171 @@
+"""Request and response bodies of the fleet API (pydantic; they are the OpenAPI schema at /docs).
+
+Requests are strict: unknown fields, wrong types and names outside the allowed alphabet are refused (a typo in a
+field name is an error, not a silent no-op). Every operator request that changes something carries a ``reason``:
+one line, written to the audit log.
+
+Example:
+    >>> GroupRequest.model_validate({"name": "line-1", "reason": "new line"}).description
+    ''
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from edgepeft.delta.manifest import NAME_PATTERN
+
+MAX_LIST = 100
+SHA256_PATTERN = "^[0-9a-f]{64}$"
+# Tags are labels such as "site=berlin" or "hw:rev2": names plus '=', ':' and '/'.
+TAG_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._:=/-]{0,127}$"
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must say something, not only spaces")
+    return text
+
+
+Name = Annotated[str, Field(pattern=f"^{NAME_PATTERN}$", description="1-128 letters, digits, '.', '_' or '-', "
+                                                                     "starting with a letter or digit.")]
+Tag = Annotated[str, Field(pattern=TAG_PATTERN, description="A label such as site=berlin.")]
+Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN, description="64 lower-case hex digits.")]
+Reason = Annotated[str, Field(min_length=1, max_length=1000, pattern="^[^\\x00-\\x1f\\x7f]+$",
+                              description="Why: one line, written to the audit log."), AfterValidator(_not_blank)]
+Scope = Literal["read", "publish", "deploy", "admin"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TokenRequest(Strict):
+    name: Name = Field(..., description="Who or what will use the token, e.g. ci-publisher.")
+    scopes: list[Scope] = Field(..., min_length=1, max_length=4)
+    reason: Reason
+
+
+class BaseRequest(Strict):
+    name: Name = Field(..., description="The base's name, e.g. tiny.")
+    sha256: Sha256 = Field(..., description="The sha256 bundles bind to (their manifest's base.sha256; a model "
+                                            "card's state_sha256).")
+    reason: Reason
+
+
+class GroupRequest(Strict):
+    name: Name
+    description: str = Field("", max_length=1000)
+    reason: Reason
+
+
+class EnrolRequest(Strict):
+    device_id: Name
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_LIST)
+    groups: list[Name] = Field(default_factory=list, max_length=MAX_LIST, description="Existing groups.")
+    assets: list[Name] = Field(default_factory=list, max_length=MAX_LIST, description="Assets it monitors.")
+    bases: list[Sha256] = Field(default_factory=list, max_length=MAX_LIST, description="Registered bases it holds.")
+    reason: Reason
+
+
+class DeviceUpdate(Strict):
+    """The lists given replace the device's; the others stay as they are."""
+
+    tags: list[Tag] | None = Field(None, max_length=MAX_LIST)
+    groups: list[Name] | None = Field(None, max_length=MAX_LIST)
+    assets: list[Name] | None = Field(None, max_length=MAX_LIST)
+    bases: list[Sha256] | None = Field(None, max_length=MAX_LIST)
+    reason: Reason
+
+    @model_validator(mode="after")
+    def _something(self) -> DeviceUpdate:
+        if self.tags is None and self.groups is None and self.assets is None and self.bases is None:
+            raise ValueError("nothing to change: give tags, groups, assets or bases")
+        return self
+
+
+class ReasonRequest(Strict):
+    reason: Reason
+
+
+class InventoryReport(Strict):
+    """What a device reports it runs (replaces what the registry holds for it)."""
+
+    assets: list[Name] = Field(..., max_length=MAX_LIST)
+    bases: list[Sha256] = Field(..., max_length=MAX_LIST)
+
+
+class TokenOut(BaseModel):
+    id: int
+    name: str
+    scopes: list[str]
+    created_at: str
+    created_by: str
+    revoked_at: str | None
+
+
+class NewToken(BaseModel):
+    token: str = Field(..., description="The operator token: shown once, only its hash is kept.")
+    record: TokenOut
+
+
+class BaseOut(BaseModel):
+    name: str
+    sha256: str
+    registered_at: str
+
+
+class GroupOut(BaseModel):
+    name: str
+    description: str
+    created_at: str
+    devices: int
+
+
+class DeviceOut(BaseModel):
+    device_id: str
+    enrolled_at: str
+    enrolled_by: str
+    updated_at: str
+    tags: list[str]
+    groups: list[str]
+    assets: list[str]
+    bases: list[str]
+
+
+class Enrolled(BaseModel):
+    credential: str = Field(..., description="The device's credential: shown once, only its hash is kept.")
+    device: DeviceOut
+
+
+class BundleOut(BaseModel):
+    sha256: str = Field(..., description="sha256 of the .edelta file; its name in the catalogue.")
+    asset_id: str
+    version: str
+    release: int
+    parent_version: str | None
+    base_sha256: str
+    method: str
+    signer: str
+    size_bytes: int
+    created_at: str
+    expires_at: str | None
+    uploaded_at: str
+    uploaded_by: str
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: str
+    actor: str = Field(..., description="operator:NAME#TOKEN_ID, device:ID or cli:USER.")
+    action: str
+    target: str
+    reason: str
+    details: dict[str, object]
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(..., description="Error type, e.g. Forbidden.")
+    detail: str = Field(..., description="What went wrong and what to do next, on one line.")

@@ -1,0 +1,252 @@
+"""Fixtures of the fleet tests: real fleet servers over HTTP, on SQLite and on a real PostgreSQL server.
+
+``backend`` runs each test that asks for a server twice, once per database. PostgreSQL is Debian's ``postgresql``
+package (``initdb`` + ``pg_ctl``), started once per session in a temporary folder on a free port with
+``fsync=off`` (a test cluster; nothing to keep); it is skipped, with the reason, only when its programs are not
+installed or it cannot start. Bundles are packed from one real tiny detector, fitted once, and varied by editing
+their manifest and signing again (what a packer holding a trusted key could produce).
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edgepeft.bench.loadtest import ServerProcess, free_port, series
+from edgepeft.delta import generate_key, pack_bundle, read_bundle, save_keypair
+from edgepeft.delta.bundle import seal_bundle
+from edgepeft.delta.keys import key_id
+
+BACKENDS = ("sqlite", "postgresql")
+ASSET = "pump-1"
+
+
+# ---------------------------------------------------------------------------------------------- PostgreSQL
+def _postgres_bindir() -> Path | None:
+    """Where initdb and pg_ctl are: pg_config's bindir, Debian's versioned folder, or the PATH."""
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        bindir = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout.strip()
+        if (Path(bindir) / "initdb").exists():
+            return Path(bindir)
+    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name),
+                            reverse=True):
+        if (Path(candidate) / "initdb").exists():
+            return Path(candidate)
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@dataclass
+class PostgresServer:
+    """A throw-away PostgreSQL cluster: ``url(db)`` names a database on it, ``create_database()`` makes one."""
+
+    bindir: Path
+    root: Path
+    port: int = 0
+    user: str = "edgepeft"
+    as_user: list[str] = field(default_factory=list)
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*self.as_user, *args], capture_output=True, text=True, timeout=120)
+
+    def start(self) -> PostgresServer:
+        # PostgreSQL refuses to run as root; as root (CI, this sandbox) it runs as the postgres user that Debian's
+        # package creates, in a folder that user owns.
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres")
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.port = free_port()
+        data = self.root / "data"
+        done = self._run(str(self.bindir / "initdb"), "-D", str(data), "-U", self.user, "-A", "trust",
+                         "--no-sync", "-E", "UTF8")
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb failed: {done.stderr.strip()[-500:]}")
+        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+                   "-c synchronous_commit=off -c full_page_writes=off")
+        done = self._run(str(self.bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(self.root / "log"),
+                         "-w", "-t", "60", "start")
+        if done.returncode != 0:
+            log = (self.root / "log").read_text(errors="replace")[-500:] if (self.root / "log").exists() else ""
+            raise RuntimeError(f"pg_ctl start failed: {done.stderr.strip()[-300:]} {log}")
+        return self
+
+    def stop(self) -> None:
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.root / "data"), "-m", "fast", "-w", "stop")
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        import psycopg
+
+        name = f"fleet_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, dbname="postgres",
+                             autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    bindir = _postgres_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server programs (initdb, pg_ctl) are not installed: apt-get install postgresql")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg is not installed: pip install 'edgepeft[fleet]'")
+    root = Path(tempfile.mkdtemp(prefix="edgepeft-pg-"))
+    server = PostgresServer(bindir, root)
+    try:
+        server.start()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired, LookupError) as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(f"PostgreSQL could not start here: {exc}")
+    yield server
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty registry database: a SQLite file, or a new database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fleet.db'}"
+    return request.getfixturevalue("postgres").create_database()
+
+
+# ---------------------------------------------------------------------------------------------- keys, bundles
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A trusted signing key (and its .pub file) and an untrusted one."""
+    trusted = generate_key()
+    public = save_keypair(trusted, tmp_path_factory.mktemp("keys") / "release")
+    return {"trusted": trusted, "public": public, "untrusted": generate_key()}
+
+
+@pytest.fixture(scope="session")
+def detector_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from edgepeft.detect.detector import AnomalyDetector
+
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("detector") / "det"
+    return AnomalyDetector(base="tiny", method="lora", rank=4, steps=3, seed=0).fit(series(300)).save(folder)
+
+
+@pytest.fixture(scope="session")
+def base_bundle(detector_dir: Path, keys: dict[str, Any]) -> bytes:
+    return pack_bundle(detector_dir, keys["trusted"], asset_id=ASSET, version="1.0.0", release=1)
+
+
+@pytest.fixture(scope="session")
+def make_bundle(base_bundle: bytes, keys: dict[str, Any]) -> Callable[..., bytes]:
+    """``make_bundle(asset, version, release, edit=None, key=None, payload=None)``: a signed variant of the packed
+    bundle (``edit`` changes the manifest dict in place before signing)."""
+
+    def make(asset: str = ASSET, version: str = "1.0.0", release: int = 1,
+             edit: Callable[[dict[str, Any]], Any] | None = None, key: Ed25519PrivateKey | None = None,
+             payload: bytes | None = None) -> bytes:
+        bundle = read_bundle(base_bundle)
+        manifest = copy.deepcopy(bundle.manifest)
+        manifest.update(asset_id=asset, adapter_version=version, release=release)
+        signer = key or keys["trusted"]
+        manifest["signer"] = key_id(signer.public_key())
+        if edit is not None:
+            edit(manifest)
+        return seal_bundle(manifest, bundle.payload if payload is None else payload, signer)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def base_sha256(base_bundle: bytes) -> str:
+    return read_bundle(base_bundle).base_sha256
+
+
+def expired(manifest: dict[str, Any]) -> None:
+    """Edit a manifest so that the bundle expired yesterday."""
+    created = datetime.now(UTC) - timedelta(days=3)
+    manifest["created_at"] = created.strftime("%Y-%m-%dT%H:%M:%SZ")
+    manifest["expires_at"] = (created + timedelta(days=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------------------------- servers
+def fleet_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m edgepeft.fleet ARGS`` (the commands `edgepeft fleet` mounts)."""
+    return subprocess.run([sys.executable, "-m", "edgepeft.fleet", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@dataclass
+class FleetServer(ServerProcess):
+    """``python -m edgepeft.fleet serve`` in a subprocess on a free port, with an admin token bootstrapped by the
+    ``token`` command before it starts (``self.token``)."""
+
+    db: str = ""
+    trusted_keys: tuple[Path, ...] = ()
+
+    def command(self) -> list[str]:
+        done = fleet_cli("token", "--db", self.db, "--scopes", "admin", "--name", "test-admin")
+        if done.returncode != 0:
+            raise RuntimeError(f"fleet token failed: {done.stderr}")
+        self.token = done.stdout.strip()
+        keys = [arg for path in self.trusted_keys for arg in ("--trusted-key", str(path))]
+        return [self.python, "-m", "edgepeft.fleet", "serve", "--db", self.db, "--storage", str(self.storage),
+                "--port", str(self.port), *keys, *self.args]
+
+    @property
+    def storage(self) -> Path:
+        return self.state_dir / "storage"
+
+    def client(self, token: str | None = None) -> httpx.Client:
+        """An HTTP client; with the admin token unless another (or "" for none) is given."""
+        token = self.token if token is None else token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30.0)
+
+
+@pytest.fixture
+def server(db_url: str, tmp_path: Path, keys: dict[str, Any]) -> Iterator[FleetServer]:
+    """A fresh fleet server on a fresh database (SQLite and PostgreSQL: see ``db_url``)."""
+    with FleetServer(state_dir=tmp_path / "fleet", db=db_url, trusted_keys=(keys["public"],), startup_s=60.0
+                     ) as fleet:
+        yield fleet
+
+
+def snapshot(fleet: FleetServer) -> dict[str, Any]:
+    """Everything the registry holds, through the API, plus the files in its storage: compared before and after
+    a refused request to show that nothing was written."""
+    with fleet.client() as http:
+        state = {path: http.get(path, params={"limit": 1000}).json()
+                 for path in ("/v1/audit", "/v1/devices", "/v1/bundles", "/v1/groups", "/v1/bases", "/v1/tokens")}
+    state["files"] = sorted(str(p.relative_to(fleet.storage)) for p in fleet.storage.rglob("*") if p.is_file())
+    return state
+
+
+def assert_refused(response: httpx.Response, status: int, *words: str) -> dict[str, Any]:
+    """A 4xx with the given status and one-line JSON ``{"error", "detail"}`` whose detail contains ``words``."""
+    assert response.status_code == status, (response.status_code, response.text)
+    body = response.json()
+    assert set(body) == {"error", "detail"}, body
+    assert "\n" not in body["detail"] and body["detail"], body
+    for word in words:
+        assert word.lower() in body["detail"].lower(), (word, body["detail"])
+    return body
