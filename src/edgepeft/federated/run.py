@@ -48,6 +48,19 @@ def _not_deprecation(record: logging.LogRecord) -> bool:
 
 
 @contextlib.contextmanager
+def own_environment() -> Iterator[None]:
+    """Give the process its environment back afterwards: Ray's driver sets PYTHONPATH (its own path and this
+    interpreter's site-packages), PYTHONBREAKPOINT and more in ``os.environ``, which every later subprocess of the
+    caller would inherit (a fresh virtual environment started from it would see this one's packages)."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
 def quiet_flower(verbose: bool) -> Iterator[None]:
     """Flower and Ray log every round at INFO; keep their warnings and errors unless ``verbose``."""
     names = ("flwr", "ray")
@@ -102,7 +115,7 @@ def simulate(cfg: FederatedConfig, run: RunSettings, n_clients: int | None = Non
                "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
                              "logging_level": "error", "log_to_driver": verbose, "_temp_dir": ray_dir}}
     try:
-        with quiet_flower(verbose):
+        with own_environment(), quiet_flower(verbose):
             run_simulation(server_app=server_app,
                            client_app=make_client_app(),
                            num_supernodes=n_clients, backend_config=backend, verbose_logging=False)

@@ -25,7 +25,7 @@ from flwr.simulation import run_simulation  # noqa: E402
 
 from edgepeft.federated.app import AssetClient, RunSettings, make_client_app, run_server  # noqa: E402
 from edgepeft.federated.data import load_partition  # noqa: E402
-from edgepeft.federated.run import simulate  # noqa: E402
+from edgepeft.federated.run import own_environment, simulate  # noqa: E402
 from edgepeft.federated.task import FederatedConfig, initial_state, local_update, prepare_asset  # noqa: E402
 from edgepeft.peft.shared import read_global_adapter  # noqa: E402
 
@@ -73,8 +73,9 @@ def _run(cfg: FederatedConfig, run: RunSettings, n: int, client_app: ClientApp |
             time.sleep(0.02)
         outcome["state"] = run_server(SpyGrid(grid, seen, blobs), context, cfg, run, n)
 
-    run_simulation(server_app=app, client_app=client_app or make_client_app(), num_supernodes=n,
-                   backend_config=BACKEND)
+    with own_environment():
+        run_simulation(server_app=app, client_app=client_app or make_client_app(), num_supernodes=n,
+                       backend_config=BACKEND)
     return outcome["state"], seen, blobs
 
 
@@ -89,7 +90,9 @@ def _first_round_updates(cfg: FederatedConfig, n: int) -> list[tuple[np.ndarray,
 
 
 def test_simulation_learns_a_global_adapter_that_starts_detectors(tmp_path) -> None:
+    before = dict(os.environ)
     result = simulate(CFG, RunSettings(data=DATA, out=str(tmp_path)))
+    assert dict(os.environ) == before  # Ray's PYTHONPATH and friends do not leak into later subprocesses
     assert [h["round"] for h in result.history] == [1, 2] and all(h["clients"] == 3 for h in result.history)
     assert result.summary["bytes_per_round_per_client"]["up"] == 2048  # FFA: the two B matrices of rank 4
     tensors, meta = read_global_adapter(result.global_path, CFG.base, CFG.peft_config())
