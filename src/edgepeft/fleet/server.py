@@ -136,6 +136,11 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _field(part: object) -> str:
+    text = str(part)
+    return text if text.isprintable() and text.strip() == text and text else repr(text)[:80]
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     errors = exc.errors()
     first = errors[0] if errors else {}
@@ -147,7 +152,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
         return 400, "the body must be a JSON object sent with Content-Type: application/json; see /docs"
     if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
         return 422, "a JSON body is required; see /docs for this endpoint's schema"
-    problems = [f"{'.'.join(str(part) for part in error.get('loc', ())) or 'request'}: "
+    # A field name is the client's text: escaped (a key "\n" must not break the one-line message).
+    problems = [f"{'.'.join(_field(part) for part in error.get('loc', ())) or 'request'}: "
                 f"{_one_line(error.get('msg', 'invalid'))[:200]}" for error in errors[:3]]
     more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
     return 422, f"invalid request: {'; '.join(problems)}{more}; see /docs for this endpoint's schema"
