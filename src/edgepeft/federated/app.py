@@ -84,6 +84,10 @@ class RunSettings:
             update to ``central_dp_clip`` (``fixedclipping_mod``) and the server adds Gaussian noise of std
             ``central_dp_noise * central_dp_clip`` to the sum: client-level DP.
         round_timeout: seconds to wait for a round's results; later ones (stragglers) are skipped. None: wait.
+
+    Example:
+        >>> RunSettings.from_record({"data": "fleet:8", "secagg": True, "min_clients": 4, "rounds": 3}).secagg
+        True
     """
 
     data: str = ""
@@ -114,7 +118,16 @@ class RunSettings:
 
 
 class AdapterStrategy(FedAvg):
-    """FedAvg's client sampling with edgepeft's aggregation schemes, update checks and checkpoints."""
+    """FedAvg's client sampling with edgepeft's aggregation schemes, update checks and checkpoints.
+
+    Example:
+        >>> cfg = FederatedConfig()
+        >>> strategy = AdapterStrategy(cfg, RunSettings(data="synthetic:3:200"), initial_state(cfg), 0, [])
+        >>> strategy.check_update([a + 1.0 for a in strategy.state.wire_tensors()])
+        'update norm 22.6 exceeds max_update_norm 10'
+        >>> strategy.check_update(strategy.state.wire_tensors()) is None
+        True
+    """
 
     def __init__(self, cfg: FederatedConfig, run: RunSettings, state: GlobalState, done_rounds: int,
                  history: list[dict[str, Any]]) -> None:

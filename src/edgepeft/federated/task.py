@@ -72,6 +72,11 @@ class FederatedConfig:
             this epsilon (record = one training window), at ``dp_delta``; None: no DP.
         dp_max_norm: DP-SGD's per-window gradient clipping norm.
         seed: seeds the adapter's initialisation (and with it FFA's frozen A) and the local sampling.
+
+    Example:
+        >>> cfg = FederatedConfig(aggregation="svd", dp_epsilon=4.0)
+        >>> cfg.lora, FederatedConfig.from_record(cfg.to_record()) == cfg
+        (True, True)
     """
 
     base: str = "tiny"
