@@ -50,7 +50,7 @@ from edgepeft.detect.detector import AnomalyDetector
 from edgepeft.models.registry import load_base, state_sha256
 from edgepeft.peft import PeftConfig, get_method
 from edgepeft.peft.shared import is_local, load_shared, shared_state
-from edgepeft.train.adapt import AdaptConfig, adapt, cached_windows
+from edgepeft.train.adapt import AdaptConfig, adapt, window_count
 
 AGGREGATIONS = ("fedavg", "ffa", "svd")
 
@@ -241,6 +241,7 @@ def local_update(cfg: FederatedConfig, state: GlobalState, asset: Asset, server_
     series = asset.scaled[: asset.n_fit]
     seed = cfg.seed * 100_003 + server_round
     lr = cfg.lr if cfg.lr is not None else get_method(cfg.method).default_lr
+    n_windows = window_count(len(series), encoder.window_len, encoder.patch_len)
     started = time.perf_counter()
     epsilon = None
     if cfg.dp_epsilon is None:
@@ -252,7 +253,6 @@ def local_update(cfg: FederatedConfig, state: GlobalState, asset: Asset, server_
     else:
         from edgepeft.federated.dp import DpSgd, dp_adapt
 
-        n_windows = count_windows(cfg, asset)
         dp = DpSgd.for_target(cfg.dp_epsilon, cfg.dp_delta, cfg.dp_max_norm, cfg.batch_size, n_windows,
                               cfg.rounds * cfg.local_steps)
         loss = dp_adapt(model, series, dp, cfg.local_steps, lr, seed)
@@ -261,19 +261,12 @@ def local_update(cfg: FederatedConfig, state: GlobalState, asset: Asset, server_
     kept = getattr(encoder, "channel_tags", None)
     return LocalResult(
         tensors={name: tensors[name] for name in state.wire},
-        n_windows=count_windows(cfg, asset),
+        n_windows=n_windows,
         loss=loss,
         seconds=time.perf_counter() - started,
         epsilon=epsilon,
         tags=None if kept is None else kept.detach().numpy().copy(),
     )
-
-
-def count_windows(cfg: FederatedConfig, asset: Asset) -> int:
-    """How many distinct training windows the asset holds: its weight in the average, DP-SGD's population."""
-    base = load_base(cfg.base)
-    windows, _ = cached_windows(asset.scaled[: asset.n_fit], base.window_len, base.patch_len, 10**9)
-    return len(windows)
 
 
 def personalise(cfg: FederatedConfig, global_path: str | None, values: np.ndarray, steps: int,

@@ -188,13 +188,22 @@ def _optimise(
     return result
 
 
+def window_count(n_rows: int, window_len: int, patch_len: int) -> int:
+    """How many training windows a series of ``n_rows`` holds: one per start from ``2P - L`` to ``T - L``.
+
+    >>> window_count(200, 64, 8)
+    185
+    """
+    low = 2 * patch_len - window_len
+    return max(n_rows - window_len, low) - low + 1
+
+
 def cached_windows(
     series: np.ndarray, window_len: int, patch_len: int, max_windows: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Windows at every start from ``2P - L`` to ``T - L`` (at most ``max_windows``, evenly spaced) and their pads."""
     low = 2 * patch_len - window_len
-    high = max(series.shape[0] - window_len, low)
-    starts = np.arange(low, high + 1)
+    starts = np.arange(low, low + window_count(series.shape[0], window_len, patch_len))
     if len(starts) > max_windows:
         starts = starts[np.linspace(0, len(starts) - 1, max_windows).round().astype(int)]
     return gather_windows(series, starts, window_len, patch_len)
