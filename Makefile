@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first: the pin resolves to the local CPU wheel; any other spec would pull CUDA.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[train,federated,fleet,dev]"
+	$(BIN)/pip install -q -e ".[train,federated,fleet,agent,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

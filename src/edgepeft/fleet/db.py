@@ -9,7 +9,7 @@ Example:
     >>> import tempfile
     >>> db = Database.open(f"sqlite:///{tempfile.mkdtemp()}/fleet.db")
     >>> db.revision()
-    '0001'
+    '0002'
     >>> db.close()
 """
 

@@ -17,7 +17,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 SHA256_CHARS = 64
@@ -149,3 +161,157 @@ class AuditEntry(Model):
     target: Mapped[str] = mapped_column(String(256))
     reason: Mapped[str] = mapped_column(Text)
     details: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+# ------------------------------------------------------------------------------------------------ distribution
+class TufMetadata(Model):
+    """One signed TUF metadata file, as served: ``repo`` is ``image`` or ``director`` (the shared director root)
+    or ``director:<device id>`` (that device's targets, snapshot and timestamp); ``role`` is ``root``,
+    ``targets``, ``snapshot``, ``timestamp`` or a delegated role (``bundles``, ``bins-3f``). Kept in the database,
+    not on the server's disk, so that API replicas are stateless and a publish commits the bundle row and its
+    metadata in one transaction. ``digest`` is what the file was built from (the director's assignment digest),
+    so a replica can tell whether it is current without parsing it."""
+
+    __tablename__ = "tuf_metadata"
+
+    repo: Mapped[str] = mapped_column(String(NAME_CHARS + 16), primary_key=True)
+    role: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    digest: Mapped[str] = mapped_column(String(SHA256_CHARS), default="")
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class DeviceAssignment(Model):
+    """What a device should run: one bundle per asset. The director's targets for a device are exactly its
+    assignments; rollouts (and nothing else) change them."""
+
+    __tablename__ = "device_assignments"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    asset_id: Mapped[str] = mapped_column(String(NAME_CHARS), primary_key=True)
+    bundle_sha256: Mapped[str] = mapped_column(ForeignKey("bundles.sha256"))
+    rollout_id: Mapped[int | None] = mapped_column(ForeignKey("rollouts.id"), nullable=True)
+    assigned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_device_assignments_bundle", "bundle_sha256"),)
+
+
+# ------------------------------------------------------------------------------------------------ rollouts
+class Rollout(Model):
+    """A deployment of one bundle (or two, for an A/B test) to a group, wave by wave, behind health gates.
+
+    ``state``: ``running``, ``paused``, ``completed``, ``halted`` (a health gate failed: the affected devices
+    were rolled back), ``cancelled``. ``strategy`` and ``gates`` are the validated request fields
+    (:mod:`edgepeft.fleet.rollouts`)."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(NAME_CHARS))
+    asset_id: Mapped[str] = mapped_column(String(NAME_CHARS))
+    group_name: Mapped[str] = mapped_column(ForeignKey("groups.name"))
+    bundle_sha256: Mapped[str] = mapped_column(ForeignKey("bundles.sha256"))
+    bundle_b_sha256: Mapped[str | None] = mapped_column(ForeignKey("bundles.sha256"), nullable=True)
+    strategy: Mapped[dict[str, Any]] = mapped_column(JSON)
+    gates: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16))
+    current_wave: Mapped[int] = mapped_column(Integer, default=0)
+    waves: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_by: Mapped[str] = mapped_column(String(256))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_rollouts_state", "state"),)
+
+
+class RolloutWave(Model):
+    """One wave of a rollout (wave 0 is the canary): when it opened, when every device in it was healthy."""
+
+    __tablename__ = "rollout_waves"
+
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"), primary_key=True)
+    wave: Mapped[int] = mapped_column(Integer, primary_key=True)
+    size: Mapped[int] = mapped_column(Integer)
+    opened_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    healthy_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class RolloutDevice(Model):
+    """A device's part in a rollout: its wave and arm, what it ran before (to roll back to), where it stands.
+
+    ``status``: ``pending`` (wave not open), ``assigned`` (the director lists the new bundle), ``installed``
+    (the device reports it active), ``healthy`` / ``unhealthy`` (health gate verdict), ``rolled_back``,
+    ``failed`` (the device reported an install error), ``cancelled``. ``baseline`` is the device's health on
+    its previous version, the reference the gate compares against."""
+
+    __tablename__ = "rollout_devices"
+
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    wave: Mapped[int] = mapped_column(Integer)
+    arm: Mapped[str] = mapped_column(String(1), default="a")
+    bundle_sha256: Mapped[str] = mapped_column(ForeignKey("bundles.sha256"))
+    previous_sha256: Mapped[str | None] = mapped_column(ForeignKey("bundles.sha256"), nullable=True)
+    previous_version: Mapped[str | None] = mapped_column(String(NAME_CHARS), nullable=True)
+    status: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str] = mapped_column(Text, default="")
+    baseline: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_rollout_devices_status", "rollout_id", "status"),
+                      Index("ix_rollout_devices_device", "device_id"))
+
+
+# ------------------------------------------------------------------------------------------------ device reports
+class DeviceStatus(Model):
+    """The latest report of a device's agent: when it was last seen and what it runs (``installed``: per asset,
+    the active version and release and the installed versions), its last error."""
+
+    __tablename__ = "device_status"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    installed: Mapped[dict[str, Any]] = mapped_column(JSON)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    reports: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class DeviceHealth(Model):
+    """A device's latest health of one adapter version: rows scored and alerts raised since it became active,
+    quantiles of score / threshold over its recent rows (1.0 is the threshold), errors and crashes."""
+
+    __tablename__ = "device_health"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    asset_id: Mapped[str] = mapped_column(String(NAME_CHARS), primary_key=True)
+    version: Mapped[str] = mapped_column(String(NAME_CHARS), primary_key=True)
+    rows: Mapped[int] = mapped_column(BigInteger)
+    alerts: Mapped[int] = mapped_column(BigInteger)
+    score_q50: Mapped[float | None] = mapped_column(Float, nullable=True)
+    score_q95: Mapped[float | None] = mapped_column(Float, nullable=True)
+    score_q99: Mapped[float | None] = mapped_column(Float, nullable=True)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    crashes: Mapped[int] = mapped_column(BigInteger, default=0)
+    since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    reported_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class DeviceEvent(Model):
+    """A device's history, as its agent and the rollouts saw it: ``kind`` is ``installed``, ``activated``,
+    ``rolled_back``, ``error``, ``assigned``, ``health`` ... (the console's device page reads it)."""
+
+    __tablename__ = "device_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    kind: Mapped[str] = mapped_column(String(32))
+    asset_id: Mapped[str] = mapped_column(String(NAME_CHARS), default="")
+    version: Mapped[str] = mapped_column(String(NAME_CHARS), default="")
+    rollout_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+    __table_args__ = (Index("ix_device_events_device", "device_id", "id"),)

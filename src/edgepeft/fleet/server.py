@@ -38,7 +38,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio
@@ -159,8 +160,27 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
     return 422, f"invalid request: {'; '.join(problems)}{more}; see /docs for this endpoint's schema"
 
 
-def create_app(registry: Registry, *, max_json_bytes: int = DEFAULT_MAX_JSON_BYTES) -> FastAPI:
-    """The FastAPI application serving ``registry``.
+@dataclass(frozen=True)
+class ApiContext:
+    """What a feature module needs to add its routes to the app (:data:`Mount`): the registry, the metrics, and
+    the authentication dependencies. ``operator(scope)`` is a ``Depends`` that yields the :class:`Operator`
+    holding ``scope``; ``device`` is a dependency callable yielding the calling device's id (use
+    ``Depends(ctx.device)``); ``changed(result)`` counts a change and returns ``result``."""
+
+    registry: Registry
+    metrics: Metrics
+    operator: Callable[[str], Any]
+    device: Callable[..., str]
+    changed: Callable[[Any], Any]
+
+
+# A feature (distribution, rollouts, console) adds its routes with one of these; ``create_app(mounts=...)``.
+Mount = Callable[[FastAPI, ApiContext], None]
+
+
+def create_app(registry: Registry, *, max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
+               mounts: Sequence[Mount] = ()) -> FastAPI:
+    """The FastAPI application serving ``registry``, with the routes each of ``mounts`` adds.
 
     Example:
         >>> import tempfile
@@ -417,6 +437,9 @@ def create_app(registry: Registry, *, max_json_bytes: int = DEFAULT_MAX_JSON_BYT
         return registry.update_device(device_id, assets=body.assets, bases=body.bases, actor=f"device:{device_id}",
                                       reason="reported by the device", action="device.report")
 
+    context = ApiContext(registry=registry, metrics=metrics, operator=operator, device=device, changed=changed)
+    for mount in mounts:
+        mount(app, context)
     return app
 
 

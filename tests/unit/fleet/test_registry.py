@@ -25,10 +25,10 @@ from edgepeft.fleet.storage import BundleStore
 def test_migrations_build_exactly_the_models(db_url: str) -> None:
     db = Database.open(db_url)
     try:
-        assert db.revision() == "0001"
+        assert db.revision() == "0002"
         with db.engine.connect() as connection:
             assert compare_metadata(MigrationContext.configure(connection), Model.metadata) == []
-        assert Database.open(db_url).revision() == "0001", "migrating an up-to-date database changes nothing"
+        assert Database.open(db_url).revision() == "0002", "migrating an up-to-date database changes nothing"
     finally:
         db.close()
 

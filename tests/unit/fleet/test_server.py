@@ -38,7 +38,7 @@ def _setup_registry(fleet: FleetServer, base_sha256: str) -> None:
 def test_health_docs_metrics(server: FleetServer, db_url: str) -> None:
     with server.client("") as http:
         health = http.get("/health").json()
-        assert health["status"] == "ok" and health["schema_revision"] == "0001"
+        assert health["status"] == "ok" and health["schema_revision"] == "0002"
         assert health["database"] == ("sqlite" if db_url.startswith("sqlite") else "postgresql")
         assert len(health["trusted_keys"]) == 1 and health["operator_tokens"] == 1
         assert "swagger" in http.get("/docs").text.lower()
