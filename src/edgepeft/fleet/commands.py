@@ -45,6 +45,9 @@ def serve(
     max_json_kb: Annotated[int, typer.Option(min=1, max=16384, help="Size limit of a JSON request body (bundle "
                                              "uploads have the bundle format's own limit).")] = 64,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+    online_keys: Annotated[Path | None, typer.Option(
+        "--online-keys", help="Folder of the online TUF keys (timestamp, snapshot, bins, director) written by "
+        "`edgepeft fleet tuf init`; without it, devices cannot fetch updates.")] = None,
 ) -> None:
     """Serve the fleet registry over HTTP (OpenAPI at /docs, Prometheus at /metrics); migrates the database first."""
     import uvicorn
@@ -53,7 +56,7 @@ def serve(
     from edgepeft.delta.keys import key_id, load_public_key
     from edgepeft.fleet.db import Database
     from edgepeft.fleet.registry import Registry
-    from edgepeft.fleet.server import create_app
+    from edgepeft.fleet.app import build_app
     from edgepeft.fleet.storage import BundleStore
 
     keys = [load_public_key(path) for path in trusted_key or []]
@@ -61,7 +64,7 @@ def serve(
     store.check_writable()
     database = Database.open(db)
     registry = Registry(database, store, keys)
-    app = create_app(registry, max_json_bytes=max_json_kb * 1024)
+    app = build_app(registry, online_keys=online_keys, max_json_bytes=max_json_kb * 1024).app
     counts = registry.counts()
     signers = ", ".join(key_id(key) for key in keys) if keys else "none: uploads refused"
     admin_hint = "" if counts["operator_tokens"] else "; no operator token yet: create one with `edgepeft fleet token`"
