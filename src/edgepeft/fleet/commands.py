@@ -54,9 +54,9 @@ def serve(
     from rich.console import Console
 
     from edgepeft.delta.keys import key_id, load_public_key
+    from edgepeft.fleet.app import build_app
     from edgepeft.fleet.db import Database
     from edgepeft.fleet.registry import Registry
-    from edgepeft.fleet.app import build_app
     from edgepeft.fleet.storage import BundleStore
 
     keys = [load_public_key(path) for path in trusted_key or []]
