@@ -15,11 +15,14 @@ Example:
 from __future__ import annotations
 
 import bisect
+import datetime
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 # Request latency buckets (seconds): scoring a batch takes milliseconds; installs take tens to hundreds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -172,3 +175,111 @@ class MetricsMiddleware:
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.observe_request(route, status, time.perf_counter() - started)
+
+
+# Scores kept per version for its quantiles: enough for a stable q99 (about 40 rows above it), small enough that
+# a device with hundreds of versions spends a few MB at most (4096 float32 = 16 KB each).
+STATS_RING = 4096
+
+
+class _VersionStats:
+    """One version's counters and its ring of recent score/threshold values; guarded by ScoreStats' lock."""
+
+    __slots__ = ("rows", "alerts", "errors", "since", "ring", "filled", "cursor")
+
+    def __init__(self, since: float) -> None:
+        self.rows = 0
+        self.alerts = 0
+        self.errors = 0
+        self.since = since
+        self.ring = np.empty(STATS_RING, dtype=np.float32)
+        self.filled = 0  # how many slots hold values
+        self.cursor = 0  # where the next value goes
+
+    def push(self, ratios: np.ndarray) -> None:
+        if len(ratios) >= STATS_RING:  # one request larger than the ring: its last rows are the recent ones
+            self.ring[:] = ratios[-STATS_RING:]
+            self.cursor, self.filled = 0, STATS_RING
+            return
+        end = self.cursor + len(ratios)
+        if end <= STATS_RING:
+            self.ring[self.cursor:end] = ratios
+        else:
+            split = STATS_RING - self.cursor
+            self.ring[self.cursor:] = ratios[:split]
+            self.ring[:end - STATS_RING] = ratios[split:]
+        self.cursor = end % STATS_RING
+        self.filled = min(STATS_RING, self.filled + len(ratios))
+
+
+class ScoreStats:
+    """How each (asset, version) has scored in this process: what a fleet's health gate compares.
+
+    Per version, since it first became active here: rows scored, rows flagged (``alerts``), failed score calls
+    (``errors``), and the quantiles of score/threshold over its most recent ``STATS_RING`` rows (1.0 is the
+    alarm line, so versions with different thresholds compare on one scale). Rows a detector holds back while it
+    warms up are counted but left out of the quantiles: their scores come from too little history.
+    Recording costs one lock and a numpy copy, so it stays on the scoring path.
+
+    Example:
+        >>> import numpy as np
+        >>> stats = ScoreStats()
+        >>> stats.activated("pump-1", "v2")
+        >>> stats.record("pump-1", "v2", np.array([0.5, 1.0, 3.0]), threshold=2.0, alerts=1)
+        >>> stats.failed("pump-1", "v2")
+        >>> row = stats.versions("pump-1")[0]
+        >>> row["version"], row["rows"], row["alerts"], row["errors"], row["score_q50"]
+        ('v2', 3, 1, 1, 0.5)
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._versions: dict[tuple[str, str], _VersionStats] = {}
+
+    def _entry(self, asset_id: str, version: str) -> _VersionStats:
+        entry = self._versions.get((asset_id, version))
+        if entry is None:
+            entry = self._versions[(asset_id, version)] = _VersionStats(time.time())
+        return entry
+
+    def activated(self, asset_id: str, version: str) -> None:
+        """Start counting for a version that just became active (a no-op if it was counted before)."""
+        with self._lock:
+            self._entry(asset_id, version)
+
+    def record(self, asset_id: str, version: str, scores: np.ndarray, *, threshold: float, alerts: int,
+               skip: int = 0) -> None:
+        """One successful score call: ``scores`` per row, ``alerts`` rows flagged; the first ``skip`` rows (the
+        detector's warm-up) are counted but not used for quantiles."""
+        ratios = np.asarray(scores[skip:], dtype=np.float32) / np.float32(threshold) if threshold > 0 else \
+            np.asarray(scores[skip:], dtype=np.float32)
+        ratios = ratios[np.isfinite(ratios)]
+        with self._lock:
+            entry = self._entry(asset_id, version)
+            entry.rows += len(scores)
+            entry.alerts += int(alerts)
+            entry.push(ratios)
+
+    def failed(self, asset_id: str, version: str) -> None:
+        """One score call that raised after its version was chosen."""
+        with self._lock:
+            self._entry(asset_id, version).errors += 1
+
+    def versions(self, asset_id: str) -> list[dict[str, Any]]:
+        """The asset's versions counted in this process, oldest first: rows, alerts, score/threshold quantiles
+        (None before any row), errors, since (ISO 8601, UTC)."""
+        with self._lock:
+            entries = [(version, entry.rows, entry.alerts, entry.errors, entry.since, entry.ring[:entry.filled].copy())
+                       for (asset, version), entry in self._versions.items() if asset == asset_id]
+        out = []
+        for version, rows, alerts, errors, since, ring in sorted(entries, key=lambda item: item[4]):
+            quantiles = ([float(q) for q in np.quantile(ring, (0.5, 0.95, 0.99))] if len(ring)
+                         else [None, None, None])
+            out.append({"version": version, "rows": rows, "alerts": alerts,
+                        "score_q50": quantiles[0], "score_q95": quantiles[1], "score_q99": quantiles[2],
+                        "errors": errors, "since": _iso(since)})
+        return out
+
+
+def _iso(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

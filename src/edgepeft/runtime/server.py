@@ -7,6 +7,7 @@ GET      /health                             liveness, base hash check, cache nu
 GET      /metrics                            Prometheus text: requests, errors, latency histogram, swaps, cache
 GET      /v1/assets                          every asset: active version, installed versions, rollback target
 GET      /v1/assets/{asset_id}               one asset
+GET      /v1/assets/{asset_id}/stats         per version health in this process: rows, alerts, score quantiles
 POST     /v1/assets/{asset_id}/score         score a batch of rows -> score, p_anomaly, anomaly per row + version
 POST     /v1/bundles                         install a signed ``.edelta`` bundle (raw bytes body)     [token]
 POST     /v1/assets/{asset_id}/activate      make an installed version active                          [token]
@@ -219,6 +220,15 @@ def create_app(runtime: DeviceRuntime, token: str) -> FastAPI:
     def get_asset(asset_id: str) -> dict[str, Any]:
         runtime.state.asset(asset_id)  # 404 for an unknown asset
         return next(a for a in runtime.assets() if a["asset_id"] == asset_id)
+
+    @app.get("/v1/assets/{asset_id}/stats", tags=["assets"], summary="Per version health since start-up",
+             responses={404: ERRORS[404]})
+    def asset_stats(asset_id: str) -> dict[str, Any]:
+        """For each version active at some point since this process started: rows scored, rows flagged
+        (`alerts`), quantiles of score/threshold over its most recent 4096 rows (1.0 = the alarm line; null
+        before any row), failed score calls (`errors`) and `since` (ISO 8601, UTC). Read-only, like every read
+        endpoint here: no token. The update agent reports it to the fleet server's health gates."""
+        return runtime.version_stats(asset_id)
 
     @app.post("/v1/assets/{asset_id}/score", tags=["scoring"], response_model=ScoreResponse,
               summary="Score rows with the asset's active adapter", responses={k: ERRORS[k] for k in (404, 422)},

@@ -43,7 +43,7 @@ import numpy as np
 from edgepeft.core.config import fsync_dir
 from edgepeft.core.errors import ArtifactError, ConfigError, ModelError, OutputError
 from edgepeft.runtime.cache import AdapterCache
-from edgepeft.runtime.metrics import Metrics
+from edgepeft.runtime.metrics import Metrics, ScoreStats
 from edgepeft.runtime.serving import SavedDetector, ServingModel
 from edgepeft.runtime.state import (
     AssetRecord,
@@ -189,6 +189,11 @@ class DeviceRuntime:
         self.trusted_keys = trusted_keys
         self.cache = AdapterCache(int(config.cache_mb * 1024 * 1024))
         self.metrics = Metrics()
+        # Per version health since it became active in this process: what the update agent reports to the fleet.
+        self.score_stats = ScoreStats()
+        for record in state.assets.values():
+            if record.active is not None:
+                self.score_stats.activated(record.asset_id, record.active)
         self.started_at = time.time()
         self._write_lock = threading.Lock()
         self.metrics.gauge("edgepeft_cache_adapters", "Adapter versions loaded in memory.",
@@ -334,9 +339,21 @@ class DeviceRuntime:
         adds ``top_channels`` (the sensors and evidence kinds behind each flagged row).
         """
         served = self.active_model(asset_id)
-        result = served.score_all(rows, explain=explain)
+        try:
+            result = served.score_all(rows, explain=explain)
+        except Exception:
+            self.score_stats.failed(asset_id, served.version)
+            raise
         self.metrics.count("rows_scored", len(result["score"]))
+        self.score_stats.record(asset_id, served.version, result["score"], threshold=float(served.detector.threshold_),
+                                alerts=int(np.count_nonzero(result["anomaly"])),
+                                skip=int(getattr(served.detector, "warmup_rows_", 0)))
         return served, result
+
+    def version_stats(self, asset_id: str) -> dict[str, Any]:
+        """The asset's per version health in this process (see :class:`~edgepeft.runtime.metrics.ScoreStats`)."""
+        self._state.asset(asset_id)  # unknown asset: UnknownAssetError (404)
+        return {"asset_id": asset_id, "versions": self.score_stats.versions(asset_id)}
 
     def assets(self) -> list[dict[str, Any]]:
         """Every asset: active version, installed versions (with release), rollback target, what is loaded."""
@@ -484,6 +501,7 @@ class DeviceRuntime:
             new_state = state.with_asset(rolled)
             self._save(new_state)
             self._state = new_state
+            self.score_stats.activated(asset_id, rolled.active)
             seconds = time.perf_counter() - started
             self.metrics.observe_swap(seconds)
             return {"asset_id": asset_id, "active": rolled.active, "rolled_back_from": record.active,
@@ -552,6 +570,7 @@ class DeviceRuntime:
         self.metrics.count("installs")
         if activate:
             self.metrics.observe_swap(seconds)
+            self.score_stats.activated(record.asset_id, served.version)
         return {"asset_id": record.asset_id, "version": served.version, "release": served.release,
                 "method": served.method, "engine": served.engine, "active": record.active,
                 "install_seconds": seconds}
@@ -565,6 +584,7 @@ class DeviceRuntime:
             new_state = state.with_asset(record.activate(version))
             self._save(new_state)  # durable first: a restart must serve what requests were told
             self._state = new_state  # the swap
+            self.score_stats.activated(asset_id, version)
         seconds = time.perf_counter() - started
         if version != previous:
             self.metrics.observe_swap(seconds)
