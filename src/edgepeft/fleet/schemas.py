@@ -169,3 +169,108 @@ class AuditOut(BaseModel):
 class ErrorOut(BaseModel):
     error: str = Field(..., description="Error type, e.g. Forbidden.")
     detail: str = Field(..., description="What went wrong and what to do next, on one line.")
+
+
+# ------------------------------------------------------------------------------------------------ rollouts
+class Strategy(Strict):
+    """How a rollout proceeds: a canary, then waves; each wave opens only when the previous one is healthy."""
+
+    canary: int = Field(1, ge=1, le=100_000, description="Devices in the canary wave (wave 0).")
+    canary_percent: float | None = Field(None, gt=0, le=100, description="Canary size as a share of the "
+                                         "target devices instead (rounded up); overrides `canary`.")
+    waves: list[float] = Field([25.0, 100.0], min_length=1, max_length=20,
+                               description="After the canary, cumulative shares (%) of the remaining devices "
+                               "each wave reaches; the last must be 100.")
+    max_devices_per_minute: int | None = Field(None, ge=1, le=10_000_000, description="Rate limit on new "
+                                               "assignments within a wave (none: a wave is assigned at once).")
+    soak_seconds: float = Field(0.0, ge=0, le=30 * 86400, description="How long a wave must stay healthy "
+                                "before the next one opens.")
+    ab_split: float = Field(0.5, gt=0, lt=1, description="A/B only: the share of devices given bundle_b.")
+
+    @model_validator(mode="after")
+    def _waves(self) -> Strategy:
+        if any(not 0 < w <= 100 for w in self.waves) or any(b <= a for a, b in zip(self.waves, self.waves[1:],
+                                                                                      strict=False)):
+            raise ValueError("waves must rise strictly, each in (0, 100]")
+        if self.waves[-1] != 100:
+            raise ValueError("the last wave must reach 100 (% of the devices)")
+        return self
+
+
+class Gates(Strict):
+    """When a device on the new version is unhealthy (compared with its own previous version: its baseline)."""
+
+    min_rows: int = Field(200, ge=1, le=10**9, description="Rows the device must score on the new version "
+                          "before a verdict.")
+    max_alert_ratio: float = Field(3.0, ge=1, le=1e6, description="Unhealthy when the alert rate exceeds this "
+                                   "times the baseline's ...")
+    alert_margin: float = Field(0.01, ge=0, le=1, description="... and the baseline plus this margin.")
+    max_alert_rate: float = Field(0.2, gt=0, le=1, description="Unhealthy above this alert rate whatever the "
+                                  "baseline (and the only rate gate for a device without one).")
+    max_q95_ratio: float | None = Field(None, gt=1, le=1e6, description="Unhealthy when the q95 of "
+                                        "score/threshold exceeds this times the baseline's (off by default).")
+    max_errors: int = Field(0, ge=0, le=10**9, description="Failed score calls tolerated on the new version.")
+    max_failures: int = Field(0, ge=0, le=10**6, description="Devices per wave whose install may fail before the "
+                              "rollout halts.")
+
+
+class RolloutRequest(Strict):
+    name: Name
+    group: Name = Field(..., description="The device group to roll out to.")
+    bundle: Sha256 = Field(..., description="The bundle (catalogue sha256) to deploy.")
+    bundle_b: Sha256 | None = Field(None, description="A/B test: a second bundle of the same asset for a share "
+                                    "(strategy.ab_split) of the devices.")
+    strategy: Strategy = Field(default_factory=Strategy)
+    gates: Gates = Field(default_factory=Gates)
+    reason: Reason
+
+
+class RolloutAction(Strict):
+    reason: Reason
+
+
+class HealthIn(Strict):
+    version: Name
+    rows: int = Field(..., ge=0, le=2**62)
+    alerts: int = Field(..., ge=0, le=2**62)
+    score_q50: float | None = Field(None, ge=0, le=1e12)
+    score_q95: float | None = Field(None, ge=0, le=1e12)
+    score_q99: float | None = Field(None, ge=0, le=1e12)
+    errors: int = Field(0, ge=0, le=2**62)
+    since: str | None = Field(None, max_length=64)
+
+    @model_validator(mode="after")
+    def _alerts(self) -> HealthIn:
+        if self.alerts > self.rows:
+            raise ValueError("alerts cannot exceed rows")
+        return self
+
+
+class AssetReport(Strict):
+    asset_id: Name
+    active_version: Name | None = None
+    active_release: int | None = Field(None, ge=0, le=2**62)
+    versions: list[Name] = Field(default_factory=list, max_length=64)
+    health: HealthIn | None = None
+
+
+class EventIn(Strict):
+    at: str = Field(..., max_length=64)
+    kind: Literal["installed", "activated", "rolled_back", "error", "started", "refused"]
+    asset_id: Name | None = None
+    version: Name | None = None
+    detail: str = Field("", max_length=2000)
+
+
+class DeviceReport(Strict):
+    """What a device's agent reports each poll: what it runs, each active version's health, what happened."""
+
+    agent: str = Field("", max_length=128)
+    started_at: str | None = Field(None, max_length=64)
+    crashes: int = Field(0, ge=0, le=2**31)
+    assets: list[AssetReport] = Field(default_factory=list, max_length=MAX_LIST)
+    events: list[EventIn] = Field(default_factory=list, max_length=MAX_LIST)
+
+
+class ReportAnswer(BaseModel):
+    poll_seconds: float = Field(..., description="When to poll next (the agent adds jitter).")
