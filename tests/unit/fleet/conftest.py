@@ -10,15 +10,12 @@ their manifest and signing again (what a packer holding a trusted key could prod
 from __future__ import annotations
 
 import copy
-import glob
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,8 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgepeft.bench.loadtest import ServerProcess, free_port, series
+from edgepeft.bench.loadtest import ServerProcess, series
+from edgepeft.bench.postgres import PostgresServer, postgres_bindir
 from edgepeft.delta import generate_key, pack_bundle, read_bundle, save_keypair
 from edgepeft.delta.bundle import seal_bundle
 from edgepeft.delta.keys import key_id
@@ -37,74 +35,9 @@ ASSET = "pump-1"
 
 
 # ---------------------------------------------------------------------------------------------- PostgreSQL
-def _postgres_bindir() -> Path | None:
-    """Where initdb and pg_ctl are: pg_config's bindir, Debian's versioned folder, or the PATH."""
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        bindir = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout.strip()
-        if (Path(bindir) / "initdb").exists():
-            return Path(bindir)
-    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name),
-                            reverse=True):
-        if (Path(candidate) / "initdb").exists():
-            return Path(candidate)
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
-
-
-@dataclass
-class PostgresServer:
-    """A throw-away PostgreSQL cluster: ``url(db)`` names a database on it, ``create_database()`` makes one."""
-
-    bindir: Path
-    root: Path
-    port: int = 0
-    user: str = "edgepeft"
-    as_user: list[str] = field(default_factory=list)
-
-    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*self.as_user, *args], capture_output=True, text=True, timeout=120)
-
-    def start(self) -> PostgresServer:
-        # PostgreSQL refuses to run as root; as root (CI, this sandbox) it runs as the postgres user that Debian's
-        # package creates, in a folder that user owns.
-        if os.geteuid() == 0:
-            shutil.chown(self.root, "postgres")
-            self.as_user = ["runuser", "-u", "postgres", "--"]
-        self.port = free_port()
-        data = self.root / "data"
-        done = self._run(str(self.bindir / "initdb"), "-D", str(data), "-U", self.user, "-A", "trust",
-                         "--no-sync", "-E", "UTF8")
-        if done.returncode != 0:
-            raise RuntimeError(f"initdb failed: {done.stderr.strip()[-500:]}")
-        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off")
-        done = self._run(str(self.bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(self.root / "log"),
-                         "-w", "-t", "60", "start")
-        if done.returncode != 0:
-            log = (self.root / "log").read_text(errors="replace")[-500:] if (self.root / "log").exists() else ""
-            raise RuntimeError(f"pg_ctl start failed: {done.stderr.strip()[-300:]} {log}")
-        return self
-
-    def stop(self) -> None:
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.root / "data"), "-m", "fast", "-w", "stop")
-
-    def url(self, database: str) -> str:
-        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{database}"
-
-    def create_database(self) -> str:
-        import psycopg
-
-        name = f"fleet_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, dbname="postgres",
-                             autocommit=True) as connection:
-            connection.execute(f'CREATE DATABASE "{name}"')
-        return self.url(name)
-
-
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
-    bindir = _postgres_bindir()
+    bindir = postgres_bindir()
     if bindir is None:
         pytest.skip("PostgreSQL server programs (initdb, pg_ctl) are not installed: apt-get install postgresql")
     try:
