@@ -245,7 +245,16 @@ class RolloutEngine:
             session.add(rollout)
             session.flush()
             ordered = sorted(devices, key=lambda d: _order_key(rollout.id, d))
-            sizes = plan_waves(len(ordered), strategy)
+            plan = dict(strategy)
+            if strategy.get("canary_group"):
+                chosen = set(session.scalars(select(GroupMember.device_id).where(
+                    GroupMember.group_name == strategy["canary_group"])))
+                ordered = [d for d in ordered if d in chosen] + [d for d in ordered if d not in chosen]
+                plan.update(canary=sum(d in chosen for d in ordered), canary_percent=None)
+                if plan["canary"] == 0:
+                    raise UnknownReference(f"canary_group {strategy['canary_group']!r} has none of the rollout's "
+                                           "devices")
+            sizes = plan_waves(len(ordered), plan)
             rollout.waves = len(sizes)
             start = 0
             for wave, size in enumerate(sizes):

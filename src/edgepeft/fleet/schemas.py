@@ -178,6 +178,8 @@ class Strategy(Strict):
     canary: int = Field(1, ge=1, le=100_000, description="Devices in the canary wave (wave 0).")
     canary_percent: float | None = Field(None, gt=0, le=100, description="Canary size as a share of the "
                                          "target devices instead (rounded up); overrides `canary`.")
+    canary_group: Name | None = Field(None, description="The canary is this group's devices among the targets "
+                                      "(e.g. lab rigs); overrides `canary` and `canary_percent`.")
     waves: list[float] = Field([25.0, 100.0], min_length=1, max_length=20,
                                description="After the canary, cumulative shares (%) of the remaining devices "
                                "each wave reaches; the last must be 100.")

@@ -174,6 +174,15 @@ def test_bad_canary_halts_and_rolls_back(db_url: str, tmp_path: Path, keys: dict
     fleet.rollout("v4", canary=1, waves=[100])
 
 
+def test_canary_group_is_the_canary(fleet: Fleet) -> None:
+    fleet.registry.create_group("lab", "lab rigs", actor=ACTOR, reason="r")
+    for device in ("pump-03", "pump-07"):
+        fleet.registry.update_device(device, groups=["line", "lab"], actor=ACTOR, reason="r")
+    rollout_id = fleet.rollout("v1", canary_group="lab", waves=[100])
+    assert sorted(fleet.assigned()) == ["pump-03", "pump-07"]
+    assert [w["size"] for w in fleet.engine.get(rollout_id)["waves"]] == [2, 8]
+
+
 def test_install_failures_halt_past_the_allowance(fleet: Fleet) -> None:
     fleet.roll_everyone("v1")
     rollout_id = fleet.rollout("v2", canary=3, waves=[100], gates={"max_failures": 1})
