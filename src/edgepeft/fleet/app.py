@@ -39,11 +39,14 @@ class FleetApp:
 
 
 def build_app(registry: Registry, *, online_keys: Path | None = None,
-              max_json_bytes: int = DEFAULT_MAX_JSON_BYTES, tick_seconds: float = 1.0) -> FleetApp:
+              max_json_bytes: int = DEFAULT_MAX_JSON_BYTES, tick_seconds: float = 1.0,
+              poll_seconds: float = 30.0) -> FleetApp:
     """The fleet server's app over ``registry``. ``online_keys`` is the folder of the online TUF keys
-    (``edgepeft fleet tuf init`` writes it); without it, distribution answers 503 until one is configured."""
+    (``edgepeft fleet tuf init`` writes it); without it, distribution answers 503 until one is configured.
+    ``poll_seconds`` is the poll interval the server suggests to agents; ``tick_seconds`` how often rollouts are
+    advanced by time (soak, rate limits)."""
     distribution = Distribution(registry, online_keys)
-    rollouts = RolloutEngine(registry, tick_seconds=tick_seconds)
+    rollouts = RolloutEngine(registry, tick_seconds=tick_seconds, poll_seconds=poll_seconds)
     app = create_app(registry, max_json_bytes=max_json_bytes,
                      mounts=[distribution.mount, rollouts.mount, console.mount])
     return FleetApp(app=app, registry=registry, distribution=distribution, rollouts=rollouts)
