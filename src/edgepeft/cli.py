@@ -290,6 +290,7 @@ def demo(
 
 def _mount_layer_commands() -> None:
     """Commands that live with their layer (their heavy imports stay lazy inside them)."""
+    from edgepeft.agent import commands as agent_commands
     from edgepeft.bench import stream_commands
     from edgepeft.bench.commands import bench_app
     from edgepeft.delta import commands as delta_commands
@@ -300,6 +301,7 @@ def _mount_layer_commands() -> None:
     for name in ("keygen", "pack", "verify", "inspect"):
         app.command(name)(getattr(delta_commands, name))
     app.command("serve")(runtime_commands.serve)
+    app.command("agent")(agent_commands.agent)
     app.command("export-onnx")(runtime_commands.export_onnx)
     app.command("export-c")(runtime_commands.export_c)
     app.command("stream")(stream_commands.stream)
