@@ -25,7 +25,7 @@ Example (a throw-away SQLite registry):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -105,6 +105,9 @@ class Registry:
         self.db = db
         self.store = store
         self.trusted_keys = list(trusted_keys)
+        # Called as hook(session, record) inside a publish's transaction, after the row is added: distribution adds
+        # the bundle's TUF target there, so a bundle is never catalogued without it (or the reverse).
+        self.publish_hooks: list[Callable[[Session, BundleRecord], None]] = []
 
     # ------------------------------------------------------------------------------------------- plumbing
     @contextmanager
@@ -333,9 +336,6 @@ class Registry:
                 raise BundleRejected(f"bundle {bundle.asset_id} {bundle.version} needs base {bundle.base_name!r} "
                                      f"with sha256 {bundle.base_sha256[:16]}…, which is not registered; register "
                                      "it with POST /v1/bases (name and sha256), then upload again")
-            # The file is on disk (fsynced) before the row naming it commits: a crash leaves at worst an
-            # unreferenced file, never a row without its file.
-            self.store.put(data)
             record = BundleRecord(
                 sha256=sha256, asset_id=bundle.asset_id, version=bundle.version, release=bundle.release,
                 parent_version=bundle.parent_version, base_sha256=bundle.base_sha256,
@@ -343,6 +343,11 @@ class Registry:
                 created_at=bundle.created_at, expires_at=bundle.expires_at, uploaded_at=now(), uploaded_by=actor,
             )
             session.add(record)
+            for hook in self.publish_hooks:
+                hook(session, record)  # may refuse (e.g. the TUF target cannot be signed): nothing stored yet
+            # The file is on disk (fsynced) before the row naming it commits: a crash leaves at worst an
+            # unreferenced file, never a row without its file.
+            self.store.put(data)
             self._audit(session, actor, "bundle.publish", f"bundle:{sha256}", reason,
                         {"asset_id": bundle.asset_id, "version": bundle.version, "release": bundle.release,
                          "base_sha256": bundle.base_sha256, "signer": bundle.signer, "size_bytes": len(data)})

@@ -1,0 +1,160 @@
+"""TUF distribution over a real fleet server: publish → assign → a device sees it and downloads verified bytes (on
+SQLite and PostgreSQL), key ceremony and rotation with a device following root v1 → v2, the routes' refusals,
+and the server without online keys."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgepeft.agent.updates import AssignedTarget
+from edgepeft.fleet import tuf_repo
+from tests.unit.fleet.conftest import ASSET, FleetServer, assert_refused, fleet_cli, snapshot
+from tests.unit.fleet.tuf_support import tuf_fleet
+
+
+def test_publish_assign_download(db_url: str, tmp_path: Path, keys: dict[str, Any],
+                                 make_bundle: Callable[..., bytes], base_sha256: str) -> None:
+    with tuf_fleet(db_url, tmp_path, keys["public"], base_sha256) as fleet:
+        first = make_bundle(version="1.0.0", release=1)
+        record = fleet.publish(first)
+        fleet.enrol("pump-a")
+        fleet.enrol("pump-b")
+        client = fleet.client("pump-a", tmp_path / "device-a")
+        assert client.assigned() == []  # enrolled, nothing assigned yet
+        fleet.assign("pump-a", ASSET, record["sha256"])
+        [target] = client.assigned(base_sha256=base_sha256)
+        assert target == AssignedTarget(asset_id=ASSET, version="1.0.0", release=1, base_sha256=base_sha256,
+                                        sha256=record["sha256"], length=len(first), path=f"{ASSET}/1.0.0.edelta")
+        assert client.download(target) == first
+        assert (tmp_path / "device-a" / "targets").is_dir()
+        # A new release published and assigned: the device sees it (new director and image versions).
+        second = make_bundle(version="1.1.0", release=2)
+        fleet.assign("pump-a", ASSET, fleet.publish(second)["sha256"])
+        [target] = client.assigned()
+        assert (target.version, target.release) == ("1.1.0", 2)
+        assert hashlib.sha256(client.download(target)).hexdigest() == target.sha256
+        # The other device has no assignment, and may not read pump-a's director metadata.
+        assert fleet.client("pump-b", tmp_path / "device-b").assigned() == []
+        with fleet.server.client(fleet.credentials["pump-b"]) as http:
+            assert_refused(http.get("/tuf/director/pump-a/metadata/timestamp.json"), 403, "own")
+
+
+def test_routes_refuse(tmp_path: Path, keys: dict[str, Any], make_bundle: Callable[..., bytes],
+                       base_sha256: str) -> None:
+    with tuf_fleet(f"sqlite:///{tmp_path / 'f.db'}", tmp_path, keys["public"], base_sha256) as fleet:
+        record = fleet.publish(make_bundle())
+        fleet.enrol("pump-a")
+        with fleet.server.client("") as http:
+            assert_refused(http.get("/tuf/image/metadata/timestamp.json"), 401)
+            assert_refused(http.get("/tuf/director/pump-a/metadata/1.root.json"), 401)
+        with fleet.server.client(fleet.credentials["pump-a"]) as http:
+            assert http.get("/tuf/image/metadata/1.root.json").status_code == 200
+            assert http.get("/tuf/director/pump-a/metadata/1.root.json").json()["signed"]["_type"] == "root"
+            assert_refused(http.get("/tuf/image/metadata/2.root.json"), 404)  # how a client knows it is current
+            assert_refused(http.get("/tuf/image/metadata/..%2Fetc.json"), 404)
+            assert_refused(http.get("/tuf/image/metadata/1.timestamp.json"), 404)
+            assert_refused(http.get("/tuf/director/pump-a/metadata/1.bins-0.json"), 404)
+            good = f"/tuf/image/targets/{ASSET}/{record['sha256']}.1.0.0.edelta"
+            assert http.get(good).content == make_bundle()
+            assert_refused(http.get(good.replace("1.0.0.edelta", "9.9.9.edelta")), 404)
+            assert_refused(http.get(f"/tuf/image/targets/other/{record['sha256']}.1.0.0.edelta"), 404)
+        with fleet.server.client() as http:  # an operator token with read may read the image repository
+            timestamp = http.get("/tuf/image/metadata/timestamp.json")
+            assert timestamp.status_code == 200 and timestamp.headers["cache-control"] == "no-store"
+            assert_refused(http.get("/tuf/director/pump-a/metadata/timestamp.json"), 401)
+
+
+def test_no_online_keys(tmp_path: Path, keys: dict[str, Any], make_bundle: Callable[..., bytes],
+                        base_sha256: str) -> None:
+    db = f"sqlite:///{tmp_path / 'f.db'}"
+    with FleetServer(state_dir=tmp_path / "fleet", db=db, trusted_keys=(keys["public"],), startup_s=60.0
+                     ) as fleet, fleet.client() as http:
+        assert_refused(http.get("/tuf/image/metadata/timestamp.json"), 503, "--online-keys")
+        assert http.post("/v1/bases", json={"name": "tiny", "sha256": base_sha256, "reason": "r"}).status_code == 201
+        # Before `tuf init`, publishing works (init adds the catalogue's bundles as targets).
+        assert http.post("/v1/bundles", params={"reason": "r"}, content=make_bundle()).status_code == 201
+        done = fleet_cli("tuf", "init", "--db", db, "--offline-keys", str(tmp_path / "off"), "--online-keys",
+                         str(tmp_path / "on"), "--bin-bits", "2")
+        assert done.returncode == 0, done.stderr
+        assert "1 bundle target" in done.stderr
+        # Initialised, but this server cannot sign: a publish is refused, and nothing is written.
+        before = snapshot(fleet)
+        assert_refused(http.post("/v1/bundles", params={"reason": "r"}, content=make_bundle(version="2", release=2)),
+                       503, "not published")
+        assert snapshot(fleet) == before
+
+
+def test_cli_usage_errors(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'f.db'}"
+    cases = [
+        (["tuf", "roots", "--db", db, "--out", str(tmp_path / "r")], "not initialised"),
+        (["tuf", "rotate", "--db", db, "--offline-keys", str(tmp_path / "o"), "--online-keys", str(tmp_path / "n")],
+         "not initialised"),
+        (["tuf", "init", "--db", db, "--offline-keys", str(tmp_path / "k"), "--online-keys", str(tmp_path / "k")],
+         "different folders"),
+        (["tuf", "rotate", "--db", db, "--role", "timestamp,bogus"], "bogus"),
+    ]
+    for args, words in cases:
+        done = fleet_cli(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], (args, done.stderr)
+    assert fleet_cli("tuf", "init", "--db", db, "--offline-keys", str(tmp_path / "o"), "--online-keys",
+                     str(tmp_path / "n"), "--bin-bits", "2").returncode == 0
+    assert (tmp_path / "o" / "root.pem").stat().st_mode & 0o077 == 0  # private keys are private
+    again = fleet_cli("tuf", "init", "--db", db, "--offline-keys", str(tmp_path / "o"), "--online-keys",
+                      str(tmp_path / "n"))
+    assert again.returncode == 2 and "already initialised" in again.stderr
+    # rotate needs the keys the database trusts: a folder of other keys is refused before anything is written
+    tuf_repo.create_keys(tmp_path / "other", tuf_repo.OFFLINE_KEYS)
+    wrong = fleet_cli("tuf", "rotate", "--db", db, "--offline-keys", str(tmp_path / "other"), "--online-keys",
+                      str(tmp_path / "n"), "--role", "timestamp")
+    assert wrong.returncode == 2 and "not the one root v1 trusts" in wrong.stderr, wrong.stderr
+    out = fleet_cli("tuf", "roots", "--db", db, "--out", str(tmp_path / "roots"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "roots" / "image-root.json").read_bytes())["signed"]["version"] == 1
+
+
+def test_rotation_device_follows_root(tmp_path: Path, keys: dict[str, Any], make_bundle: Callable[..., bytes],
+                                      base_sha256: str) -> None:
+    """Every key replaced while the server runs; a device provisioned with root v1 follows to v2 (image and
+    director) and keeps getting verified updates; the server picks up the new online keys from its folder."""
+    with tuf_fleet(f"sqlite:///{tmp_path / 'f.db'}", tmp_path, keys["public"], base_sha256) as fleet:
+        record = fleet.publish(make_bundle())
+        fleet.enrol("pump-a")
+        fleet.assign("pump-a", ASSET, record["sha256"])
+        client = fleet.client("pump-a", tmp_path / "device")
+        assert [t.version for t in client.assigned()] == ["1.0.0"]
+        old_online = {name: (fleet.online / f"{name}.pem").read_bytes() for name in tuf_repo.ONLINE_KEYS}
+        done = fleet_cli("tuf", "rotate", "--db", fleet.server.db, "--offline-keys", str(fleet.offline),
+                         "--online-keys", str(fleet.online), "--role", ",".join(tuf_repo.ROLES))
+        assert done.returncode == 0, done.stderr
+        assert all((fleet.online / f"{name}.pem").read_bytes() != old for name, old in old_online.items())
+        out = fleet_cli("tuf", "roots", "--db", fleet.server.db, "--out", str(tmp_path / "roots"))
+        assert out.returncode == 0, out.stderr
+        for name in ("image", "director"):
+            root = json.loads((tmp_path / "roots" / f"{name}-root.json").read_bytes())
+            assert root["signed"]["version"] == 2 and len(root["signatures"]) == 2  # old and new root key
+        # The server signs a new bundle with the new keys; the device (root v1 bootstrap) follows.
+        second = make_bundle(version="1.1.0", release=2)
+        fleet.assign("pump-a", ASSET, fleet.publish(second)["sha256"])
+        [target] = client.assigned()
+        assert target.version == "1.1.0" and client.download(target) == second
+        for repo in ("image", "director"):
+            assert (tmp_path / "device" / "tuf" / repo / "root_history" / "2.root.json").exists()
+        # A brand-new device provisioned with the v1 roots gets there too.
+        fleet.enrol("pump-b")
+        fleet.assign("pump-b", ASSET, target.sha256)
+        assert fleet.client("pump-b", tmp_path / "device-b").assigned() == [target]
+
+
+def test_metadata_sizes() -> None:
+    sizes = tuf_repo.metadata_sizes(2000, bin_bits=4)
+    assert sizes["bins"] == 16 and sizes["targets"] == 2000
+    assert sizes["largest_bin_bytes"] < sizes["total_bins_bytes"] / 8  # what a device fetches is one bin
+    assert sizes["device_fetch_bytes"] < sizes["total_bins_bytes"]
+
