@@ -36,6 +36,7 @@ class TufFleet:
     online: Path
     base_sha256: str
     credentials: dict[str, str] = field(default_factory=dict)
+    bundles: dict[int, dict[str, Any]] = field(default_factory=dict)  # release -> published record
 
     def roots(self, version: int | None = None) -> tuple[bytes, bytes]:
         """The image and director roots (latest, or version ``version`` of each)."""
