@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from securesystemslib.signer import CryptoSigner, Signer, SSlibKey
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 from tuf.api.metadata import (
     DelegatedRole,
@@ -70,6 +70,9 @@ DEFAULT_BIN_BITS = 8  # 256 bins: ~11 KB each at 10^4 bundles (studies/fleet-tuf
 BUNDLES_PATHS = ["*/*"]  # <asset>/<version>.edelta ('*' never matches '/': one segment each)
 TARGET_SUFFIX = ".edelta"
 DEVICE_FIELD = "device_id"  # in the director's signed targets: whose metadata this is
+# Versions kept of each non-root role: a device between its timestamp and snapshot (or bin) fetch still finds
+# the files; older ones are deleted (a director timestamp is re-signed twice a day per device).
+KEEP_VERSIONS = 3
 
 # How long each role's metadata is valid (studies/fleet-tuf key table). The timestamp's period is the freeze window;
 # the server re-signs online roles lazily once less than half of their period is left.
@@ -164,8 +167,13 @@ def latest(session: Session, repo: str, role: str) -> Metadata[Any] | None:
 
 def _store(session: Session, repo: str, role: str, md: Metadata[Any], digest: str = "") -> MetaFile:
     data = serialise(md)
-    session.add(TufMetadata(repo=repo, role=role, version=md.signed.version, data=data, digest=digest,
+    version = md.signed.version
+    session.add(TufMetadata(repo=repo, role=role, version=version, data=data, digest=digest,
                             expires_at=md.signed.expires, created_at=now()))
+    if role != "root" and version > KEEP_VERSIONS:
+        # Devices walk every root version, but only ever ask for the files the newest few timestamps lead to.
+        session.execute(delete(TufMetadata).where(TufMetadata.repo == repo, TufMetadata.role == role,
+                                                  TufMetadata.version <= version - KEEP_VERSIONS))
     return MetaFile(version=md.signed.version, length=len(data), hashes={"sha256": hashlib.sha256(data).hexdigest()})
 
 

@@ -10,8 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
 from edgepeft.agent.updates import AssignedTarget
 from edgepeft.fleet import tuf_repo
+from edgepeft.fleet.db import Database
+from edgepeft.fleet.models import TufMetadata
 from tests.unit.fleet.conftest import ASSET, FleetServer, assert_refused, fleet_cli, snapshot
 from tests.unit.fleet.tuf_support import tuf_fleet
 
@@ -158,3 +162,23 @@ def test_metadata_sizes() -> None:
     assert sizes["largest_bin_bytes"] < sizes["total_bins_bytes"] / 8  # what a device fetches is one bin
     assert sizes["device_fetch_bytes"] < sizes["total_bins_bytes"]
 
+
+
+def test_old_versions_pruned_roots_kept(tmp_path: Path) -> None:
+    db = Database.open(f"sqlite:///{tmp_path / 'f.db'}")
+    offline = tuf_repo.create_keys(tmp_path / "off", tuf_repo.OFFLINE_KEYS)
+    online = tuf_repo.create_keys(tmp_path / "on", tuf_repo.ONLINE_KEYS)
+    with db.write() as session:
+        tuf_repo.init_repositories(session, offline, online, bin_bits=1)
+    for _ in range(5):
+        with db.write() as session:
+            assert tuf_repo.refresh_image(session, online, force=True)
+        with db.write() as session:
+            tuf_repo.rotate(session, tmp_path / "off", tmp_path / "on", ["timestamp"])
+            online = tuf_repo.load_keys(tmp_path / "on", tuf_repo.ONLINE_KEYS)
+    with db.read() as session:
+        versions = {role: sorted(session.scalars(select(TufMetadata.version).where(
+            TufMetadata.repo == tuf_repo.IMAGE, TufMetadata.role == role))) for role in ("timestamp", "root")}
+    db.close()
+    assert versions["root"] == [1, 2, 3, 4, 5, 6]  # every root: a device provisioned with v1 walks them all
+    assert len(versions["timestamp"]) == tuf_repo.KEEP_VERSIONS
