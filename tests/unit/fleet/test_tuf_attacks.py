@@ -139,14 +139,14 @@ def test_mix_and_match_metadata(fleet: TufFleet, proxy: Proxy, tmp_path: Path) -
     old_bin = fleet.row(tuf_repo.IMAGE, role)
     _resign_bin(fleet, 1)
     proxy.serve(f"/tuf/image/metadata/{old_bin.version + 1}.{role}.json", old_bin.data)
-    refused(client.assigned, tmp_path / "mm-1", tuf_errors.RepositoryError)
+    refused(client.assigned, tmp_path / "mm-1", tuf_errors.LengthOrHashMismatchError)
     proxy.rules.clear()
     client.assigned()
     repo = tuf_repo.device_repo("mm-1")
     old_targets = fleet.row(repo, "targets")
     fleet.assign("mm-1", ASSET, fleet.bundles[2]["sha256"])
     proxy.serve(f"/tuf/director/mm-1/metadata/{old_targets.version + 1}.targets.json", old_targets.data)
-    refused(client.assigned, tmp_path / "mm-1", tuf_errors.RepositoryError)
+    refused(client.assigned, tmp_path / "mm-1", tuf_errors.LengthOrHashMismatchError)
 
 
 # ---------------------------------------------------------------------------------------------- targets
