@@ -240,6 +240,36 @@ def channels(
 
 
 @bench_app.command()
+def rollout(
+    out: Annotated[Path | None, typer.Option(help="Output folder (default bench-out/rollout).")] = None,
+    devices: Annotated[int, typer.Option(min=1, max=100_000, help="Light simulated devices (the real TUF client, "
+                                         "emulated scoring).")] = 1000,
+    real_agents: Annotated[int, typer.Option(min=0, max=16, help="Real devices: a runtime and an agent process "
+                                             "each.")] = 3,
+    poll_seconds: Annotated[float, typer.Option(min=1, help="Poll interval of every device.")] = 20.0,
+    steady_seconds: Annotated[float, typer.Option(min=5, help="Length of the steady-polling measurement.")] = 60.0,
+    backends: Annotated[str, typer.Option(help="Comma list of sqlite, postgresql.")] = "sqlite,postgresql",
+    seed: SeedOpt = 0,
+) -> None:
+    """The fleet server under a fleet's polling load: roll good adapters to every device, then a bad one whose
+    canary the health gate must roll back; time, bytes per device, server CPU per poll and API latency."""
+    from rich.console import Console
+
+    from edgepeft.bench.rollout_bench import run_rollout_bench
+    from edgepeft.core.errors import ConfigError
+
+    console = Console(stderr=True, soft_wrap=True)
+    chosen = tuple(part.strip() for part in backends.split(",") if part.strip())
+    unknown = [b for b in chosen if b not in ("sqlite", "postgresql")]
+    if unknown or not chosen:
+        raise ConfigError(f"--backends must list sqlite and/or postgresql, got {backends!r}")
+    folder = out or Path("bench-out/rollout")
+    run_rollout_bench(folder, n_devices=devices, n_real=real_agents, poll_seconds=poll_seconds,
+                      steady_seconds=steady_seconds, backends=chosen, seed=seed, console=console)
+    console.print(f"[green]results[/] -> {folder}/results.md", highlight=False)
+
+
+@bench_app.command()
 def federated(
     out: Annotated[Path | None, typer.Option(help="Output folder (default bench-out/federated). Parts already "
                                              "there are reused: a killed run resumes.")] = None,

@@ -46,7 +46,7 @@ PEFT_METHODS = ("lora", "dora", "ia3", "adapter", "prefix", "bitfit")
 TRAINED_BASE_METHODS = ("full", "scratch")
 ZEROSHOT = "zeroshot"
 # Suites that write their own results.md (not the contender tables): docs shows it as is.
-SELF_RENDERED = ("stream", "drift", "deploy", "channels", "device", "federated")
+SELF_RENDERED = ("stream", "drift", "deploy", "channels", "device", "federated", "rollout")
 EDGEPEFT_CONTENDERS = (*PEFT_METHODS, *TRAINED_BASE_METHODS, ZEROSHOT)
 ALL_CONTENDERS = (*EDGEPEFT_CONTENDERS, *BASELINES)
 
