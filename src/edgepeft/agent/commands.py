@@ -117,12 +117,8 @@ def agent(
 def _update_client(server: str, device_id: str, credential: str, folder: Path, image_root: bytes,
                    director_root: bytes) -> Any:
     """The TUF update client (``edgepeft.agent.updates``); a clear error where the agent install is missing."""
-    import importlib
-
     try:
-        # By name while agent/updates.py is being written (a static import of a missing module reads, to
-        # import-linter, as an import of the whole package); a plain import once it has landed.
-        UpdateClient = importlib.import_module("edgepeft.agent.updates").UpdateClient  # noqa: N806
+        from edgepeft.agent.updates import UpdateClient
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in ("tuf", "securesystemslib", "httpx"):
             raise ConfigError(f"`edgepeft agent` needs the agent install ({exc.name} is not installed): "

@@ -56,9 +56,10 @@ class Target(Protocol):
 
 class UpdateSource(Protocol):
     """What the loop needs of the update client (``edgepeft.agent.updates.UpdateClient``): verified assignments
-    and verified downloads. Any exception means "not now": the loop reports it and tries again later."""
+    (for this device's base) and verified downloads. Any exception means "not now": the loop reports it and tries
+    again later."""
 
-    def assigned(self) -> list[Any]: ...
+    def assigned(self, base_sha256: str | None = None) -> list[Any]: ...
 
     def download(self, target: Any) -> bytes: ...
 
@@ -92,7 +93,14 @@ class Backoff:
 
 @dataclass
 class CycleResult:
-    """What one cycle did: ``ok`` when the fleet and the runtime were both reached and every target converged."""
+    """What one cycle did: ``ok`` when the fleet and the runtime were both reached and every target converged.
+
+    Example:
+        >>> CycleResult(server_ok=True, runtime_ok=True, reported=True).ok
+        True
+        >>> CycleResult(server_ok=True, runtime_ok=True, reported=True, errors=["install failed"]).ok
+        False
+    """
 
     installed: list[str] = field(default_factory=list)
     activated: list[str] = field(default_factory=list)
@@ -117,6 +125,14 @@ class AgentConfig:
         poll_seconds: poll interval; None: the server's suggestion (``DEFAULT_POLL_S`` until it gives one).
         max_backoff_seconds: the longest wait after repeated failures.
         timeout: seconds for one request to the fleet server.
+
+    Example:
+        >>> AgentConfig(server="http://127.0.0.1:8080", credential="efd_x").poll_seconds is None
+        True
+        >>> AgentConfig(server="http://127.0.0.1:8080", credential="efd_x", poll_seconds=0)
+        Traceback (most recent call last):
+        ...
+        edgepeft.core.errors.ConfigError: poll seconds must be positive, got 0
     """
 
     server: str
@@ -154,6 +170,7 @@ class Agent:
         self.rng = rng or random.Random()
         self.started_at = utc_now()
         self.server_poll_seconds: float | None = None
+        self.base_sha256: str | None = None  # the runtime's resident base, read each cycle
         self.backoff = Backoff(first=min(2.0, self.poll_seconds), cap=config.max_backoff_seconds, rng=self.rng)
         self._http = httpx.Client(base_url=config.server.rstrip("/"), timeout=config.timeout,
                                   headers={"Authorization": f"Bearer {config.credential}"})
@@ -182,17 +199,46 @@ class Agent:
 
     def _runtime_assets(self, result: CycleResult) -> dict[str, dict[str, Any]] | None:
         try:
+            self.base_sha256 = str(self.runtime.health()["base_sha256"])
             assets = {a["asset_id"]: a for a in self.runtime.assets()}
-        except (RuntimeUnavailable, RuntimeRefused) as exc:
+        except (RuntimeUnavailable, RuntimeRefused, KeyError) as exc:
             self._fail(result, "runtime", None, None, str(exc))
             return None
         result.runtime_ok = True
         self.saved.clear_error("runtime")
+        self._notice(assets)
         return assets
+
+    def _notice(self, assets: dict[str, dict[str, Any]]) -> None:
+        """Report what changed in the runtime since the agent last looked, if the agent did not do it itself (an
+        install whose answer was lost when the agent was killed, an operator's activation)."""
+        seen = self.saved.state.seen
+        changed = False
+        for asset_id, asset in assets.items():
+            versions = sorted(v["version"] for v in asset.get("versions", []))
+            before = seen.get(asset_id)
+            if before is not None:
+                for version in sorted(set(versions) - set(before.get("versions", []))):
+                    self.saved.add_event("installed", asset_id, version, "found installed in the runtime")
+                if asset.get("active") != before.get("active") and asset.get("active") is not None:
+                    self.saved.add_event("activated", asset_id, asset["active"], "found active in the runtime "
+                                         f"(was {before.get('active')})")
+            if before != {"active": asset.get("active"), "versions": versions}:
+                seen[asset_id] = {"active": asset.get("active"), "versions": versions}
+                changed = True
+        if changed:
+            self.saved.save()
+
+    def _saw(self, asset_id: str, active: str, version: str) -> None:
+        """The agent's own change: known, so not reported twice."""
+        entry = self.saved.state.seen.setdefault(asset_id, {"active": None, "versions": []})
+        entry["active"] = active
+        entry["versions"] = sorted({*entry.get("versions", []), version})
 
     def _apply_assignments(self, assets: dict[str, dict[str, Any]], result: CycleResult) -> None:
         try:
-            targets = self.updates.assigned()
+            # With the runtime's base: a target built for another base is refused before any download.
+            targets = self.updates.assigned(base_sha256=self.base_sha256)
         except Exception as exc:  # noqa: BLE001 - unreachable, refused or forged: reported, retried later
             self._fail(result, "server", None, None, f"assignments not fetched: {_describe(exc)}")
             return
@@ -221,6 +267,7 @@ class Agent:
                     self._fail(result, subject, target.asset_id, target.version, f"activation failed: {exc.detail}")
                     return
                 logger.info("%s %s", kind.replace("_", " "), label)
+                self._saw(target.asset_id, target.version, target.version)
                 self.saved.add_event(kind, target.asset_id, target.version,
                                      f"activated installed release {installed[target.version]['release']}"
                                      + (f" (was {asset.get('active')})" if asset.get("active") else ""))
@@ -252,6 +299,7 @@ class Agent:
             self._fail(result, subject, target.asset_id, target.version, f"install of {label} failed: {exc.detail}")
             return
         logger.info("installed %s (release %s)", label, target.release)
+        self._saw(target.asset_id, target.version, target.version)
         self.saved.add_event("installed", target.asset_id, target.version, f"installed release {target.release}")
         self.saved.add_event("activated", target.asset_id, target.version,
                              f"active (install took {float(answer.get('install_seconds', 0.0)):.3f} s)")

@@ -39,6 +39,13 @@ class RuntimeApi:
         url: the runtime's base URL, e.g. ``http://127.0.0.1:8000``.
         token: the runtime's write token.
         timeout: seconds for a read or an activation (installs get ``INSTALL_TIMEOUT_S``).
+
+    Example (nothing listens on port 9: the error says so, in one line):
+        >>> try:
+        ...     RuntimeApi("http://127.0.0.1:9", token="t", timeout=0.5).assets()
+        ... except RuntimeUnavailable as exc:
+        ...     str(exc).startswith("device runtime at http://127.0.0.1:9 did not answer GET /v1/assets")
+        True
     """
 
     def __init__(self, url: str, token: str, *, timeout: float = 30.0) -> None:
@@ -66,6 +73,10 @@ class RuntimeApi:
     def assets(self) -> list[dict[str, Any]]:
         """Every asset: ``asset_id``, ``active``, ``release`` and ``versions`` (each with version, release)."""
         return list(self._call("GET", "/v1/assets"))
+
+    def health(self) -> dict[str, Any]:
+        """Liveness and the resident base (``base``, ``base_sha256``); a 503 (base modified) raises."""
+        return dict(self._call("GET", "/health"))
 
     def stats(self, asset_id: str) -> list[dict[str, Any]]:
         """The asset's per version health in this runtime process (``GET /v1/assets/{id}/stats``)."""

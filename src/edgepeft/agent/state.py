@@ -62,17 +62,26 @@ class AgentState:
             is reported once, not on every poll.
         crashes: unclean restarts of the agent so far (the marker was found at start).
         dropped_events: events dropped because the list was full.
+        seen: per asset, the runtime's ``active`` version and installed ``versions`` as the agent last saw them:
+            a change it did not make itself (an install whose answer a kill cut off, an operator's activation)
+            is reported when it is noticed.
+
+    Example:
+        >>> AgentState.from_dict({"crashes": 2}).crashes
+        2
     """
 
     events: list[dict[str, Any]] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
     crashes: int = 0
     dropped_events: int = 0
+    seen: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AgentState:
         return cls(events=list(data.get("events", [])), errors=dict(data.get("errors", {})),
-                   crashes=int(data.get("crashes", 0)), dropped_events=int(data.get("dropped_events", 0)))
+                   crashes=int(data.get("crashes", 0)), dropped_events=int(data.get("dropped_events", 0)),
+                   seen=dict(data.get("seen", {})))
 
 
 class AgentStateFile:

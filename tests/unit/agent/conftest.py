@@ -54,11 +54,13 @@ class Assignments:
     broken: dict[str, Exception] = field(default_factory=dict)
     tamper: set[str] = field(default_factory=set)
     downloads: list[str] = field(default_factory=list)
+    bases: list[str | None] = field(default_factory=list)  # the base each call was made for
 
     def assign(self, *versions: str) -> None:
         self.assigned_versions = list(versions)
 
-    def assigned(self) -> list[Target]:
+    def assigned(self, base_sha256: str | None = None) -> list[Target]:
+        self.bases.append(base_sha256)
         if self.fail is not None:
             raise self.fail
         return [target_of(self.bundles[v]) for v in self.assigned_versions]

@@ -67,6 +67,8 @@ def test_install_activate_roll_back_and_refuse(
     assert agent.cycle().installed == [f"{ASSET} v2"]
     assert _score(device_runtime) == "v2"
     assert agent.cycle().ok and assignments.downloads == ["v1", "v2"], "converged: nothing more to fetch"
+    base = httpx.get(f"{device_runtime.url}/health", timeout=30).json()["base_sha256"]
+    assert set(assignments.bases) == {base}, "assignments are asked for the runtime's base"
 
     # The fleet rolls the device back: the director lists v1 again, which is installed: activated, not fetched.
     assignments.assign("v1")
