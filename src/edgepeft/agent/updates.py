@@ -164,7 +164,7 @@ class UpdateClient:
                                          "repository lists now; call assigned() again")
             cached = image.find_cached_target(info)
             if cached is None:
-                final = Path(image._generate_target_file_path(info))
+                final = self.state_dir / "targets" / parse.quote(info.path, "")  # as find_cached_target names it
                 partial = final.with_name(final.name + ".partial")
                 image.download_target(info, filepath=str(partial))  # verified before it is written
                 os.replace(partial, final)  # a crash mid-download leaves no half file under the final name

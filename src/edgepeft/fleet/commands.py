@@ -66,6 +66,10 @@ def serve(
     keys = [load_public_key(path) for path in trusted_key or []]
     store = BundleStore(storage)
     store.check_writable()
+    if online_keys is not None:
+        from edgepeft.fleet.tuf_repo import ONLINE_KEYS, load_keys
+
+        load_keys(online_keys, ONLINE_KEYS)  # a wrong folder fails here, not at the first device poll
     database = Database.open(db)
     registry = Registry(database, store, keys)
     app = build_app(registry, online_keys=online_keys, max_json_bytes=max_json_kb * 1024,

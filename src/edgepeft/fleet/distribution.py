@@ -59,6 +59,7 @@ from edgepeft.fleet.errors import FleetError, Forbidden, NotFound, Unauthenticat
 from edgepeft.fleet.models import BundleRecord, TufMetadata
 from edgepeft.fleet.registry import Registry
 from edgepeft.fleet.server import ApiContext
+from edgepeft.fleet.tuf_repo import metadata_sizes
 
 _METADATA_NAME = re.compile(r"^(?:(?P<version>[1-9][0-9]{0,17})\.(?P<role>[a-z][a-z0-9-]{0,63})|timestamp)\.json$")
 _TARGET_FILE = re.compile(r"^(?P<sha256>[0-9a-f]{64})\.(?P<version>[A-Za-z0-9][A-Za-z0-9._-]{0,127})\.edelta$")
@@ -255,4 +256,4 @@ def _parse(name: str) -> tuple[int | None, str]:
     return int(match["version"]), match["role"]
 
 
-__all__ = ["Distribution", "DistributionUnavailable"]
+__all__ = ["Distribution", "DistributionUnavailable", "metadata_sizes"]

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from edgepeft.agent.updates import AssignedTarget
 from edgepeft.fleet import tuf_repo
+from edgepeft.fleet.__main__ import main
 from edgepeft.fleet.db import Database
 from edgepeft.fleet.models import TufMetadata
 from tests.unit.fleet.conftest import ASSET, FleetServer, assert_refused, fleet_cli, snapshot
@@ -92,7 +95,19 @@ def test_no_online_keys(tmp_path: Path, keys: dict[str, Any], make_bundle: Calla
         assert snapshot(fleet) == before
 
 
-def test_cli_usage_errors(tmp_path: Path) -> None:
+def _fleet_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """``python -m edgepeft.fleet ARGS`` in this process (its ``main``, error handling included): exit code, stderr."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["edgepeft fleet", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    return code, capsys.readouterr().err
+
+
+def test_cli_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = f"sqlite:///{tmp_path / 'f.db'}"
     cases = [
         (["tuf", "roots", "--db", db, "--out", str(tmp_path / "r")], "not initialised"),
@@ -101,26 +116,32 @@ def test_cli_usage_errors(tmp_path: Path) -> None:
         (["tuf", "init", "--db", db, "--offline-keys", str(tmp_path / "k"), "--online-keys", str(tmp_path / "k")],
          "different folders"),
         (["tuf", "rotate", "--db", db, "--role", "timestamp,bogus"], "bogus"),
+        (["serve", "--db", db, "--storage", str(tmp_path / "s"), "--online-keys", str(tmp_path / "none")],
+         "not found"),
     ]
     for args, words in cases:
-        done = fleet_cli(*args)
-        assert done.returncode == 2, (args, done.stderr)
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], (args, done.stderr)
-    assert fleet_cli("tuf", "init", "--db", db, "--offline-keys", str(tmp_path / "o"), "--online-keys",
-                     str(tmp_path / "n"), "--bin-bits", "2").returncode == 0
+        code, err = _fleet_main(capsys, *args)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], (args, err)
+    code, err = _fleet_main(capsys, "tuf", "init", "--db", db, "--offline-keys", str(tmp_path / "o"),
+                            "--online-keys", str(tmp_path / "n"), "--bin-bits", "2")
+    assert code == 0, err
     assert (tmp_path / "o" / "root.pem").stat().st_mode & 0o077 == 0  # private keys are private
-    again = fleet_cli("tuf", "init", "--db", db, "--offline-keys", str(tmp_path / "o"), "--online-keys",
-                      str(tmp_path / "n"))
-    assert again.returncode == 2 and "already initialised" in again.stderr
+    code, err = _fleet_main(capsys, "tuf", "init", "--db", db, "--offline-keys", str(tmp_path / "o"),
+                            "--online-keys", str(tmp_path / "n"))
+    assert code == 2 and "already initialised" in err
     # rotate needs the keys the database trusts: a folder of other keys is refused before anything is written
     tuf_repo.create_keys(tmp_path / "other", tuf_repo.OFFLINE_KEYS)
-    wrong = fleet_cli("tuf", "rotate", "--db", db, "--offline-keys", str(tmp_path / "other"), "--online-keys",
-                      str(tmp_path / "n"), "--role", "timestamp")
-    assert wrong.returncode == 2 and "not the one root v1 trusts" in wrong.stderr, wrong.stderr
-    out = fleet_cli("tuf", "roots", "--db", db, "--out", str(tmp_path / "roots"))
-    assert out.returncode == 0, out.stderr
+    code, err = _fleet_main(capsys, "tuf", "rotate", "--db", db, "--offline-keys", str(tmp_path / "other"),
+                            "--online-keys", str(tmp_path / "n"), "--role", "timestamp")
+    assert code == 2 and "not the one root v1 trusts" in err, err
+    code, err = _fleet_main(capsys, "tuf", "roots", "--db", db, "--out", str(tmp_path / "roots"))
+    assert code == 0, err
     assert json.loads((tmp_path / "roots" / "image-root.json").read_bytes())["signed"]["version"] == 1
+    # The real command line, once: `edgepeft fleet tuf` is a subprocess like an operator's shell.
+    done = fleet_cli("tuf", "rotate", "--db", db, "--offline-keys", str(tmp_path / "o"), "--online-keys",
+                     str(tmp_path / "n"), "--role", "timestamp")
+    assert done.returncode == 0 and "image root v2" in done.stderr, done.stderr
 
 
 def test_rotation_device_follows_root(tmp_path: Path, keys: dict[str, Any], make_bundle: Callable[..., bytes],
