@@ -977,9 +977,16 @@ JS = """
       stamp.textContent = "server unreachable";
     }
   }
+  // Swapping <main> under a person would close what they opened, clear what they type and drop what they select.
+  function busy() {
+    var main = document.querySelector("main");
+    var focused = document.activeElement;
+    return Boolean(main.querySelector("details[open]")) || (focused && focused !== document.body &&
+      main.contains(focused) && focused.tagName === "INPUT") || String(window.getSelection()) !== "";
+  }
   window.consoleRefresh = refresh;
   window.setInterval(function () {
-    if (toggle.checked && !document.hidden) { refresh(); }
+    if (toggle.checked && !document.hidden && !busy()) { refresh(); }
   }, seconds * 1000);
 })();
 """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from edgepeft.fleet.console import REFRESH_SECONDS
 from edgepeft.fleet.db import Database
 from edgepeft.fleet.models import (
     AuditEntry,
@@ -325,6 +327,15 @@ def shots(tmp_path: Path) -> Path:
     return folder
 
 
+def eventually(condition: Callable[[], bool], seconds: float) -> None:
+    """Poll ``condition`` from Python: Playwright's wait_for_function evaluates its predicate with eval, which the
+    console's Content Security Policy (rightly) refuses."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not true within {seconds} s"
+        time.sleep(0.2)
+
+
 def shoot(page: Any, path: Path, *, full_page: bool = False) -> None:
     """A screenshot, palette-quantised when Pillow is there: a page of text needs no 24-bit colour, and the docs
     keep these files in git (a third of the size)."""
@@ -373,7 +384,7 @@ def test_a_browser_signs_in_reads_every_page_and_signs_out(browser: Any, server:
         with server.client() as admin:
             assert admin.post("/v1/devices", json={"device_id": "dev-09", "reason": "late"}).status_code == 201
         page.evaluate("consoleRefresh()")
-        page.wait_for_function("document.querySelector('p.lead').textContent.startsWith('9 devices')")
+        eventually(lambda: page.inner_text("p.lead").startswith("9 devices"), 10)
         assert page.inner_text("#refreshed").startswith("updated")
 
         page.click("table.rollouts >> text=#" + str(seeded["good"]))
@@ -405,11 +416,24 @@ def test_a_browser_signs_in_reads_every_page_and_signs_out(browser: Any, server:
         page.click("header nav >> text=Audit log")
         page.wait_for_url(f"{server.url}/console/audit")
         assert page.locator("table.audit tbody tr").count() >= 15
+        top = "table.audit tbody tr:first-child td:first-child"
+        newest = page.inner_text(top)
+        # The timer refreshes on its own, but not under someone typing a filter (that would wipe the field).
+        with server.client() as admin:
+            answer = admin.patch("/v1/devices/dev-02", json={"tags": ["site=paris"], "reason": "moved"})
+            assert answer.status_code == 200
         page.fill("input[name=target]", "device:dev-03")
+        page.wait_for_timeout((REFRESH_SECONDS + 2) * 1000)
+        assert page.inner_text(top) == newest and page.input_value("input[name=target]") == "device:dev-03"
         page.click("form.filters button")
         page.wait_for_url(re.compile(r".*/console/audit\?.*target=device%3Adev-03.*"))
         assert page.locator("table.audit tbody tr").count() == 1
         page.goto(f"{server.url}/console/audit")
+        with server.client() as admin:
+            answer = admin.patch("/v1/devices/dev-05", json={"tags": ["site=paris"], "reason": "moved too"})
+            assert answer.status_code == 200
+        eventually(lambda: page.inner_text(top) != str(int(newest) + 1), REFRESH_SECONDS * 2 + 5)
+        assert "moved too" in page.inner_text("table.audit tbody tr:first-child")
         shoot(page, shots / "audit.png")
 
         page.goto(f"{server.url}/console/devices/ghost")
