@@ -53,6 +53,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from edgepeft.core.errors import ConfigError
+from edgepeft.fleet import schemas as s
 from edgepeft.fleet import tuf_repo as repo
 from edgepeft.fleet.auth import DEVICE_PREFIX
 from edgepeft.fleet.errors import FleetError, Forbidden, NotFound, Unauthenticated
@@ -219,24 +220,27 @@ class Distribution:
             who.require("read")
             return who.actor
 
-        errors = {code: {"description": text} for code, text in (
+        errors: dict[int | str, dict[str, Any]] = {code: {"model": s.ErrorOut, "description": text} for code, text in (
             (401, "Missing or unknown credential"), (403, "Another device's metadata, or no read scope"),
-            (404, "No such metadata version or target"), (503, "No online keys, or repository not initialised"))}
+            (404, "No such metadata version or target"), (422, "A malformed asset or device id"),
+            (503, "No online keys, or repository not initialised"))}
+        metadata = {200: {"description": "Signed TUF metadata", "content": {"application/json": {}}}, **errors}
+        target = {200: {"description": "The bundle file", "content": {"application/octet-stream": {}}}, **errors}
 
         @app.get("/tuf/image/metadata/{name}", tags=["distribution"], summary="Image repository metadata",
-                 responses=errors)
+                 responses=metadata, response_class=Response)
         def image_metadata(name: MetadataName, who: str = Depends(reader)) -> Response:
             data, headers = self.image_metadata(name)
             return Response(data, media_type="application/json", headers=headers)
 
         @app.get("/tuf/image/targets/{asset}/{filename}", tags=["distribution"], summary="A bundle file",
-                 responses=errors)
+                 responses=target, response_class=Response)
         def image_target(asset: SafeName, filename: TargetName, who: str = Depends(reader)) -> Response:
             return Response(self.target_file(asset, filename), media_type="application/octet-stream",
                             headers=_IMMUTABLE)
 
         @app.get("/tuf/director/{device_id}/metadata/{name}", tags=["distribution"],
-                 summary="The calling device's director metadata", responses=errors)
+                 summary="The calling device's director metadata", responses=metadata, response_class=Response)
         def director_metadata(device_id: SafeName, name: MetadataName,
                               caller: str = Depends(ctx.device)) -> Response:
             if caller != device_id:

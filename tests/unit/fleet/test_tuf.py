@@ -203,3 +203,25 @@ def test_old_versions_pruned_roots_kept(tmp_path: Path) -> None:
     db.close()
     assert versions["root"] == [1, 2, 3, 4, 5, 6]  # every root: a device provisioned with v1 walks them all
     assert len(versions["timestamp"]) == tuf_repo.KEEP_VERSIONS
+
+
+def test_openapi_conformance_of_tuf_routes(tmp_path: Path, keys: dict[str, Any], base_sha256: str) -> None:
+    """Schemathesis on the /tuf operations, as a device, with schema-valid and schema-violating requests: answers
+    as documented, never a server error."""
+    schemathesis = pytest.importorskip("schemathesis", reason="pip install 'edgepeft[dev]'")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.generation.modes import GenerationMode
+
+    with tuf_fleet(f"sqlite:///{tmp_path / 'f.db'}", tmp_path, keys["public"], base_sha256) as fleet:
+        auth = {"Authorization": f"Bearer {fleet.enrol('pump-a')}"}
+        schema = schemathesis.openapi.from_url(f"{fleet.server.url}/openapi.json")
+        operations = [r.ok() for r in schema.get_all_operations() if r.ok().path.startswith("/tuf/")]
+        assert len(operations) == 3
+        for mode in ("positive", "negative"):
+            for operation in operations:
+                @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+                @given(case=operation.as_strategy(generation_mode=GenerationMode(mode)))
+                def check(case: Any) -> None:
+                    case.call_and_validate(base_url=fleet.server.url, headers=auth)
+
+                check()
