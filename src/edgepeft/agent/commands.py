@@ -98,6 +98,7 @@ def agent(
         loop = Agent(config, updates, RuntimeApi(runtime, token), saved)
         try:
             if once:
+                loop.announce(only_after_crash=True)
                 result = loop.cycle()
                 summary = (f"installed {len(result.installed)}, activated {len(result.activated)}, "
                            f"{len(result.errors)} error(s)")

@@ -174,9 +174,16 @@ class Agent:
         self.backoff = Backoff(first=min(2.0, self.poll_seconds), cap=config.max_backoff_seconds, rng=self.rng)
         self._http = httpx.Client(base_url=config.server.rstrip("/"), timeout=config.timeout,
                                   headers={"Authorization": f"Bearer {config.credential}"})
+
+    def announce(self, *, only_after_crash: bool = False) -> None:
+        """Queue a ``started`` event, saying whether the last run ended uncleanly (each unclean stop is told once).
+        ``only_after_crash``: nothing after a clean stop (``--once`` runs from a timer would flood the history)."""
+        saved = self.saved
         crashed = saved.state.crashes > 0 and saved.state.errors.get("crash") != str(saved.state.crashes)
         if crashed:
-            saved.state.errors["crash"] = str(saved.state.crashes)  # this restart is told once
+            saved.state.errors["crash"] = str(saved.state.crashes)
+        elif only_after_crash:
+            return
         saved.add_event("started", None, None, f"{AGENT_NAME} started" + (
             f" after an unclean stop ({saved.state.crashes} so far)" if crashed else ""))
 
@@ -223,17 +230,20 @@ class Agent:
                 if asset.get("active") != before.get("active") and asset.get("active") is not None:
                     self.saved.add_event("activated", asset_id, asset["active"], "found active in the runtime "
                                          f"(was {before.get('active')})")
-            if before != {"active": asset.get("active"), "versions": versions}:
-                seen[asset_id] = {"active": asset.get("active"), "versions": versions}
+            now = {"active": asset.get("active"), "versions": versions,
+                   "releases": {v["version"]: v["release"] for v in asset.get("versions", [])}}
+            if before != now:
+                seen[asset_id] = now
                 changed = True
         if changed:
             self.saved.save()
 
-    def _saw(self, asset_id: str, active: str, version: str) -> None:
-        """The agent's own change: known, so not reported twice."""
-        entry = self.saved.state.seen.setdefault(asset_id, {"active": None, "versions": []})
-        entry["active"] = active
+    def _saw(self, asset_id: str, version: str, release: int) -> None:
+        """The agent's own change (``version`` installed and active): known, so not reported twice."""
+        entry = self.saved.state.seen.setdefault(asset_id, {"active": None, "versions": [], "releases": {}})
+        entry["active"] = version
         entry["versions"] = sorted({*entry.get("versions", []), version})
+        entry["releases"] = {**entry.get("releases", {}), version: release}
 
     def _apply_assignments(self, assets: dict[str, dict[str, Any]], result: CycleResult) -> None:
         try:
@@ -267,7 +277,7 @@ class Agent:
                     self._fail(result, subject, target.asset_id, target.version, f"activation failed: {exc.detail}")
                     return
                 logger.info("%s %s", kind.replace("_", " "), label)
-                self._saw(target.asset_id, target.version, target.version)
+                self._saw(target.asset_id, target.version, installed[target.version]["release"])
                 self.saved.add_event(kind, target.asset_id, target.version,
                                      f"activated installed release {installed[target.version]['release']}"
                                      + (f" (was {asset.get('active')})" if asset.get("active") else ""))
@@ -299,7 +309,7 @@ class Agent:
             self._fail(result, subject, target.asset_id, target.version, f"install of {label} failed: {exc.detail}")
             return
         logger.info("installed %s (release %s)", label, target.release)
-        self._saw(target.asset_id, target.version, target.version)
+        self._saw(target.asset_id, target.version, target.release)
         self.saved.add_event("installed", target.asset_id, target.version, f"installed release {target.release}")
         self.saved.add_event("activated", target.asset_id, target.version,
                              f"active (install took {float(answer.get('install_seconds', 0.0)):.3f} s)")
@@ -319,12 +329,17 @@ class Agent:
         try:
             listing = self.runtime.assets()
         except (RuntimeUnavailable, RuntimeRefused):
-            listing = []  # reported as an error event already; the events still go out
+            # Reported as an error event already. What the runtime ran when last seen, without health: an empty
+            # list would tell the fleet the device runs nothing.
+            listing = [{"asset_id": asset_id, "active": seen.get("active"),
+                        "versions": [{"version": v, "release": seen.get("releases", {}).get(v)}
+                                     for v in seen.get("versions", [])], "unreachable": True}
+                       for asset_id, seen in sorted(self.saved.state.seen.items())]
         for asset in listing:
             active = asset.get("active")
             releases = {v["version"]: v["release"] for v in asset.get("versions", [])}
             health = None
-            if active is not None:
+            if active is not None and not asset.get("unreachable"):
                 try:
                     health = next((row for row in self.runtime.stats(asset["asset_id"])
                                    if row["version"] == active), None)
@@ -380,9 +395,15 @@ class Agent:
 
     def run(self, stop: threading.Event, *, on_cycle: Callable[[CycleResult], None] | None = None) -> None:
         """Cycle until ``stop`` is set (a signal handler sets it)."""
+        self.announce()
         while not stop.is_set():
             started = time.monotonic()
-            result = self.cycle()
+            try:
+                result = self.cycle()
+            except Exception as exc:  # noqa: BLE001 - a bug must not stop the updates: told, then backed off
+                logger.exception("cycle failed unexpectedly")
+                result = CycleResult(errors=[f"unexpected {_describe(exc)}"])
+                self.saved.error("agent", None, None, f"agent cycle failed: {_describe(exc)}")
             if on_cycle is not None:
                 on_cycle(result)
             wait = self.next_wait(result)
