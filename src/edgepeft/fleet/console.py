@@ -108,7 +108,13 @@ SECURITY_HEADERS = {
 
 
 class BadInput(Exception):
-    """A query parameter or path part the console cannot use; answered with a one-line 400 or 404 page."""
+    """A query parameter or path part the console cannot use; answered with a one-line 400 or 404 page.
+
+    Example:
+        >>> exc = BadInput(404, "no device 'pump-9' in the registry; see the device list")
+        >>> exc.status, str(exc)
+        (404, "no device 'pump-9' in the registry; see the device list")
+    """
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -120,7 +126,12 @@ class BadInput(Exception):
 class VersionRow:
     """One adapter version of one asset across the fleet: devices assigned to it, devices reporting it active,
     and the health those devices report for it (sums over devices; quantiles are the mean of devices' q95 and the
-    worst q99)."""
+    worst q99).
+
+    Example:
+        >>> VersionRow("pump-1", "1.1.0", release=2, active=1, health_devices=1, rows=400, alerts=140).alert_rate
+        0.35
+    """
 
     asset_id: str
     version: str
@@ -716,7 +727,7 @@ def render_login(error: str, next_path: str) -> str:
 # ================================================================================================ routes
 def _safe_next(value: str | None) -> str:
     """Where to go after signing in: a console path on this server, never another site (``//evil``, ``/\\evil``)."""
-    if not value:
+    if not value or not value.isprintable():
         return PREFIX
     parts = urlsplit(value)
     if parts.scheme or parts.netloc or not parts.path.startswith(PREFIX) or "\\" in value or value.startswith("//"):
@@ -873,6 +884,8 @@ def mount(app: FastAPI, ctx: ApiContext) -> None:
         who = signed_in(request)
         if who is None:
             return to_login(request)
+        if not rest:  # /console/ is the overview, as people type it
+            return RedirectResponse(PREFIX, status_code=303)
         return _problem(404, f"no console page {request.url.path!r}; start from the overview", who)
 
 

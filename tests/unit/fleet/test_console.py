@@ -211,12 +211,14 @@ def test_sign_in_sets_a_strict_http_only_cookie_and_refuses_bad_tokens(server: F
         json_body = http.post("/console/login", json={"token": token})
         assert json_body.status_code == 400
         # next= never leads off the console (an open redirect would make a phishing link look like ours).
-        for evil in ("//evil.example/console", "https://evil.example/console", "/\\evil.example", "/v1/tokens"):
+        for evil in ("//evil.example/console", "https://evil.example/console", "/\\evil.example", "/v1/tokens",
+                     "/console\r\nSet-Cookie: x=1"):
             answer = http.post("/console/login", data={"token": token, "next": evil})
             assert answer.status_code == 303 and answer.headers["location"] == "/console", evil
         cookie = answer.headers["set-cookie"].lower()
         assert "httponly" in cookie and "samesite=strict" in cookie and "path=/console" in cookie
         assert http.get("/console").status_code == 200
+        assert http.get("/console/").headers["location"] == "/console"
         assert http.get("/console/login").headers["location"] == "/console"  # already signed in
         # The cookie goes nowhere but the console: the API still wants its bearer token.
         assert http.get("/v1/devices").status_code == 401
