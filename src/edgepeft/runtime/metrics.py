@@ -92,6 +92,7 @@ class Metrics:
         for attribute, _, _ in self.counters:
             setattr(self, attribute, 0)
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self._renderers: list[Callable[[], list[str]]] = []
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -116,6 +117,10 @@ class Metrics:
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """Register a gauge read at scrape time."""
         self._gauges[name] = (help_text, read)
+
+    def add_renderer(self, render: Callable[[], list[str]]) -> None:
+        """Register more exposition lines, produced at scrape time (labelled families a gauge cannot express)."""
+        self._renderers.append(render)
 
     def render(self) -> str:
         """All metrics in the Prometheus text exposition format (version 0.0.4)."""
@@ -147,6 +152,8 @@ class Metrics:
                 lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {getattr(self, attribute)}"]
         for name, (help_text, read) in sorted(self._gauges.items()):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {read():g}"]
+        for render in self._renderers:
+            lines += render()
         return "\n".join(lines) + "\n"
 
 
@@ -264,6 +271,21 @@ class ScoreStats:
         """One score call that raised after its version was chosen."""
         with self._lock:
             self._entry(asset_id, version).errors += 1
+
+    def render(self) -> list[str]:
+        """Per version counters in the Prometheus text format (labels: asset, version)."""
+        with self._lock:
+            rows = sorted((asset, version, entry.rows, entry.alerts, entry.errors)
+                          for (asset, version), entry in self._versions.items())
+        lines = []
+        for index, (name, help_text) in enumerate((
+                ("edgepeft_version_rows_total", "Rows scored per active version since start-up."),
+                ("edgepeft_version_alerts_total", "Rows flagged per active version since start-up."),
+                ("edgepeft_version_score_errors_total", "Failed score calls per version since start-up."))):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+            lines += [f'{name}{{asset="{_escape(asset)}",version="{_escape(version)}"}} {row[index]}'
+                      for asset, version, *row in rows]
+        return lines
 
     def versions(self, asset_id: str) -> list[dict[str, Any]]:
         """The asset's versions counted in this process, oldest first: rows, alerts, score/threshold quantiles

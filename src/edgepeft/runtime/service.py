@@ -191,6 +191,7 @@ class DeviceRuntime:
         self.metrics = Metrics()
         # Per version health since it became active in this process: what the update agent reports to the fleet.
         self.score_stats = ScoreStats()
+        self.metrics.add_renderer(self.score_stats.render)
         for record in state.assets.values():
             if record.active is not None:
                 self.score_stats.activated(record.asset_id, record.active)

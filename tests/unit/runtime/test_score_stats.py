@@ -131,3 +131,6 @@ def test_stats_endpoint_on_a_real_server(tmp_path: Path, versions: list[Path], k
         missing = httpx.get(f"{server.url}/v1/assets/nobody/stats", timeout=30)
         assert missing.status_code == 404 and set(missing.json()) == {"error", "detail"}
         assert "/v1/assets/{asset_id}/stats" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+        assert f'edgepeft_version_rows_total{{asset="{ASSET}",version="1"}} {2 * len(ROWS)}' in metrics
+        assert f'edgepeft_version_score_errors_total{{asset="{ASSET}",version="1"}} 1' in metrics
