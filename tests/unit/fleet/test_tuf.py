@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from edgepeft.fleet.__main__ import main
 from edgepeft.fleet.db import Database
 from edgepeft.fleet.models import TufMetadata
 from tests.unit.fleet.conftest import ASSET, FleetServer, assert_refused, fleet_cli, snapshot
-from tests.unit.fleet.tuf_support import tuf_fleet
+from tests.unit.fleet.tuf_support import TufFleet, tuf_fleet
 
 
 def test_publish_assign_download(db_url: str, tmp_path: Path, keys: dict[str, Any],
@@ -50,29 +50,37 @@ def test_publish_assign_download(db_url: str, tmp_path: Path, keys: dict[str, An
             assert_refused(http.get("/tuf/director/pump-a/metadata/timestamp.json"), 403, "own")
 
 
-def test_routes_refuse(tmp_path: Path, keys: dict[str, Any], make_bundle: Callable[..., bytes],
-                       base_sha256: str) -> None:
-    with tuf_fleet(f"sqlite:///{tmp_path / 'f.db'}", tmp_path, keys["public"], base_sha256) as fleet:
-        record = fleet.publish(make_bundle())
-        fleet.enrol("pump-a")
-        with fleet.server.client("") as http:
-            assert_refused(http.get("/tuf/image/metadata/timestamp.json"), 401)
-            assert_refused(http.get("/tuf/director/pump-a/metadata/1.root.json"), 401)
-        with fleet.server.client(fleet.credentials["pump-a"]) as http:
-            assert http.get("/tuf/image/metadata/1.root.json").status_code == 200
-            assert http.get("/tuf/director/pump-a/metadata/1.root.json").json()["signed"]["_type"] == "root"
-            assert_refused(http.get("/tuf/image/metadata/2.root.json"), 404)  # how a client knows it is current
-            assert_refused(http.get("/tuf/image/metadata/..%2Fetc.json"), 404)
-            assert_refused(http.get("/tuf/image/metadata/1.timestamp.json"), 404)
-            assert_refused(http.get("/tuf/director/pump-a/metadata/1.bins-0.json"), 404)
-            good = f"/tuf/image/targets/{ASSET}/{record['sha256']}.1.0.0.edelta"
-            assert http.get(good).content == make_bundle()
-            assert_refused(http.get(good.replace("1.0.0.edelta", "9.9.9.edelta")), 404)
-            assert_refused(http.get(f"/tuf/image/targets/other/{record['sha256']}.1.0.0.edelta"), 404)
-        with fleet.server.client() as http:  # an operator token with read may read the image repository
-            timestamp = http.get("/tuf/image/metadata/timestamp.json")
-            assert timestamp.status_code == 200 and timestamp.headers["cache-control"] == "no-store"
-            assert_refused(http.get("/tuf/director/pump-a/metadata/timestamp.json"), 401)
+@pytest.fixture(scope="module")
+def sqlite_fleet(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, Any], base_sha256: str
+                 ) -> Iterator[TufFleet]:
+    """One server for the tests that only read (routes, OpenAPI conformance)."""
+    folder = tmp_path_factory.mktemp("tuf-routes")
+    with tuf_fleet(f"sqlite:///{folder / 'f.db'}", folder, keys["public"], base_sha256) as fleet:
+        yield fleet
+
+
+def test_routes_refuse(sqlite_fleet: TufFleet, make_bundle: Callable[..., bytes]) -> None:
+    fleet = sqlite_fleet
+    record = fleet.publish(make_bundle())
+    fleet.enrol("pump-a")
+    with fleet.server.client("") as http:
+        assert_refused(http.get("/tuf/image/metadata/timestamp.json"), 401)
+        assert_refused(http.get("/tuf/director/pump-a/metadata/1.root.json"), 401)
+    with fleet.server.client(fleet.credentials["pump-a"]) as http:
+        assert http.get("/tuf/image/metadata/1.root.json").status_code == 200
+        assert http.get("/tuf/director/pump-a/metadata/1.root.json").json()["signed"]["_type"] == "root"
+        assert_refused(http.get("/tuf/image/metadata/2.root.json"), 404)  # how a client knows it is current
+        assert_refused(http.get("/tuf/image/metadata/..%2Fetc.json"), 404)
+        assert_refused(http.get("/tuf/image/metadata/1.timestamp.json"), 404)
+        assert_refused(http.get("/tuf/director/pump-a/metadata/1.bins-0.json"), 404)
+        good = f"/tuf/image/targets/{ASSET}/{record['sha256']}.1.0.0.edelta"
+        assert http.get(good).content == make_bundle()
+        assert_refused(http.get(good.replace("1.0.0.edelta", "9.9.9.edelta")), 404)
+        assert_refused(http.get(f"/tuf/image/targets/other/{record['sha256']}.1.0.0.edelta"), 404)
+    with fleet.server.client() as http:  # an operator token with read may read the image repository
+        timestamp = http.get("/tuf/image/metadata/timestamp.json")
+        assert timestamp.status_code == 200 and timestamp.headers["cache-control"] == "no-store"
+        assert_refused(http.get("/tuf/director/pump-a/metadata/timestamp.json"), 401)
 
 
 def test_no_online_keys(tmp_path: Path, keys: dict[str, Any], make_bundle: Callable[..., bytes],
@@ -205,23 +213,23 @@ def test_old_versions_pruned_roots_kept(tmp_path: Path) -> None:
     assert len(versions["timestamp"]) == tuf_repo.KEEP_VERSIONS
 
 
-def test_openapi_conformance_of_tuf_routes(tmp_path: Path, keys: dict[str, Any], base_sha256: str) -> None:
+def test_openapi_conformance_of_tuf_routes(sqlite_fleet: TufFleet) -> None:
     """Schemathesis on the /tuf operations, as a device, with schema-valid and schema-violating requests: answers
     as documented, never a server error."""
     schemathesis = pytest.importorskip("schemathesis", reason="pip install 'edgepeft[dev]'")
     from hypothesis import HealthCheck, given, settings
     from schemathesis.generation.modes import GenerationMode
 
-    with tuf_fleet(f"sqlite:///{tmp_path / 'f.db'}", tmp_path, keys["public"], base_sha256) as fleet:
-        auth = {"Authorization": f"Bearer {fleet.enrol('pump-a')}"}
-        schema = schemathesis.openapi.from_url(f"{fleet.server.url}/openapi.json")
-        operations = [r.ok() for r in schema.get_all_operations() if r.ok().path.startswith("/tuf/")]
-        assert len(operations) == 3
-        for mode in ("positive", "negative"):
-            for operation in operations:
-                @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-                @given(case=operation.as_strategy(generation_mode=GenerationMode(mode)))
-                def check(case: Any) -> None:
-                    case.call_and_validate(base_url=fleet.server.url, headers=auth)
+    fleet = sqlite_fleet
+    auth = {"Authorization": f"Bearer {fleet.enrol('pump-z')}"}
+    schema = schemathesis.openapi.from_url(f"{fleet.server.url}/openapi.json")
+    operations = [r.ok() for r in schema.get_all_operations() if r.ok().path.startswith("/tuf/")]
+    assert len(operations) == 3
+    for mode in ("positive", "negative"):
+        for operation in operations:
+            @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            @given(case=operation.as_strategy(generation_mode=GenerationMode(mode)))
+            def check(case: Any) -> None:
+                case.call_and_validate(base_url=fleet.server.url, headers=auth)
 
-                check()
+            check()
