@@ -15,8 +15,8 @@ Between cycles it sleeps the poll interval with +-20 % jitter (devices started t
 or after a failed cycle an exponential backoff with jitter, capped (5 minutes by default). Nothing is ever
 half-installed: the update client keeps a download under a temporary name until it is complete and verified, and
 the runtime's install is one atomic commit, so a kill at any moment leaves the previous adapter serving, and the
-next start converges from the runtime's state (a change whose answer the kill cut off is noticed and reported). Events wait in the agent's
-state file (:mod:`edgepeft.agent.state`) until the fleet accepts them.
+next start converges from the runtime's state (a change whose answer the kill cut off is noticed and reported).
+Events wait in the agent's state file (:mod:`edgepeft.agent.state`) until the fleet accepts them.
 """
 
 from __future__ import annotations
