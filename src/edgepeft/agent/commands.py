@@ -95,7 +95,8 @@ def agent(
                          max_backoff_seconds=max_backoff_seconds)
     updates = _update_client(server, device_id, credential, state / "tuf", *roots)
     with AgentStateFile.open(state) as saved:
-        loop = Agent(config, updates, RuntimeApi(runtime, token), saved)
+        # The update client keeps downloads under its state folder's targets/ (edgepeft.agent.updates).
+        loop = Agent(config, updates, RuntimeApi(runtime, token), saved, download_cache=state / "tuf" / "targets")
         try:
             if once:
                 loop.announce(only_after_crash=True)

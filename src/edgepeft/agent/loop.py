@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
@@ -163,8 +164,11 @@ class Agent:
     """
 
     def __init__(self, config: AgentConfig, updates: UpdateSource, runtime: RuntimeApi, saved: AgentStateFile,
-                 *, rng: random.Random | None = None) -> None:
+                 *, rng: random.Random | None = None, download_cache: Path | None = None) -> None:
         self.config = config
+        # Where the update client keeps downloaded bundles; emptied once the runtime holds every assigned one (its
+        # journal keeps them for rollbacks), so the device's disk does not fill up with old bundles.
+        self.download_cache = download_cache
         self.updates = updates
         self.runtime = runtime
         self.saved = saved
@@ -262,6 +266,19 @@ class Agent:
                 self._fail(result, "runtime", target.asset_id, target.version, str(exc))
                 result.runtime_ok = False
                 return  # the runtime is gone: the other targets would fail the same way
+        if not result.errors:
+            self._empty_download_cache()
+
+    def _empty_download_cache(self) -> None:
+        """Every assigned bundle is in the runtime: the downloaded copies are no longer needed."""
+        if self.download_cache is None or not self.download_cache.is_dir():
+            return
+        for path in self.download_cache.iterdir():
+            if path.is_file():
+                try:
+                    path.unlink()
+                except OSError as exc:
+                    logger.warning("cannot remove %s from the download cache: %s", path, exc)
 
     def _apply(self, target: Any, asset: dict[str, Any] | None, result: CycleResult) -> None:
         subject = f"asset:{target.asset_id}"

@@ -191,6 +191,7 @@ def test_outages_and_kills_mid_download_and_mid_install(
         # The fleet rolls the device back to v5 (installed): activated, not downloaded again.
         fleet.assign(DEVICE, ASSET, shas["v5"])
         device.converges("v5")
+        assert not any((root / "agent" / "tuf" / "targets").iterdir()), "converged: no bundle left in the cache"
         time.sleep(1.5)  # a report or two
         device.stop()
     history = device.history()

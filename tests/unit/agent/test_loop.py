@@ -27,7 +27,8 @@ def agent_parts(tmp_path: Path, device_runtime: ServerProcess, fleet: FleetServe
     assignments = Assignments()
     with AgentStateFile.open(tmp_path / "agent") as saved:
         agent = Agent(AgentConfig(server=fleet.url, credential=credential, poll_seconds=1.0), assignments,
-                      RuntimeApi(device_runtime.url, device_runtime.token), saved, rng=random.Random(0))
+                      RuntimeApi(device_runtime.url, device_runtime.token), saved, rng=random.Random(0),
+                      download_cache=tmp_path / "downloads")
         yield agent, assignments
         agent.close()
 
@@ -87,6 +88,9 @@ def test_install_activate_roll_back_and_refuse(
     assert not agent.cycle().ok and agent.saved.state.events == [], "the same refusal is told once"
 
     # A verification failure, a hand-over that does not match, a bundle the runtime refuses: nothing changes.
+    cached = agent.download_cache / "pump-1%2Fv3.edelta"  # what the update client would have kept
+    cached.parent.mkdir()
+    cached.write_bytes(b"bundle")
     assignments.assign("v3")
     assignments.broken["v3"] = RuntimeError("VerificationFailed: bad signature on targets")
     assert "VerificationFailed" in agent.cycle().errors[0]
@@ -98,9 +102,11 @@ def test_install_activate_roll_back_and_refuse(
     assert "not trusted" in agent.cycle().errors[0] or "signature" in agent.cycle().errors[0]
     assert _active(device_runtime) == before and _score(device_runtime) == "v1"
 
-    # Once the fleet assigns something good again, the device converges.
+    assert cached.exists(), "kept while an assigned bundle is not installed"
+    # Once the fleet assigns something good again, the device converges, and the downloads are let go.
     assignments.assign("v3")
     assert agent.cycle().ok and _score(device_runtime) == "v3"
+    assert not cached.exists()
 
 
 def test_report_carries_health_and_survives_outages(
