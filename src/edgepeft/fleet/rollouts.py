@@ -72,7 +72,7 @@ from edgepeft.fleet.models import (
     RolloutWave,
 )
 from edgepeft.fleet.registry import Operator, Registry, iso, now
-from edgepeft.fleet.server import ApiContext
+from edgepeft.fleet.server import ApiContext, error_responses
 
 log = logging.getLogger("edgepeft.fleet.rollouts")
 
@@ -626,11 +626,13 @@ class RolloutEngine:
 
         app.router.lifespan_context = lifespan
 
-        @app.post("/v1/rollouts", tags=["rollouts"], status_code=201, summary="Start a rollout (canary first)")
+        @app.post("/v1/rollouts", tags=["rollouts"], status_code=201, summary="Start a rollout (canary first)",
+                  responses=error_responses(400, 401, 403, 409, 413, 422))
         def create_rollout(body: s.RolloutRequest, who: Operator = ctx.operator("deploy")) -> dict[str, Any]:
             return ctx.changed(self.create(body, actor=who.actor))
 
-        @app.get("/v1/rollouts", tags=["rollouts"], summary="Rollouts, newest first")
+        @app.get("/v1/rollouts", tags=["rollouts"], summary="Rollouts, newest first",
+                 responses=error_responses(401, 403, 422))
         def list_rollouts(
             state: Annotated[str | None, Query(pattern="^(running|paused|completed|halted|cancelled|rolled_back)$")
                              ] = None,
@@ -639,7 +641,8 @@ class RolloutEngine:
         ) -> list[dict[str, Any]]:
             return self.list_rollouts(state=state, limit=limit)
 
-        @app.get("/v1/rollouts/{rollout_id}", tags=["rollouts"], summary="A rollout wave by wave, with its devices")
+        @app.get("/v1/rollouts/{rollout_id}", tags=["rollouts"], summary="A rollout wave by wave, with its devices",
+                 responses=error_responses(401, 403, 404, 422))
         def get_rollout(rollout_id: RolloutId, who: Operator = ctx.operator("read")) -> dict[str, Any]:
             return self.get(rollout_id)
 
@@ -654,16 +657,18 @@ class RolloutEngine:
                              ("cancel", "Cancel: no new assignments; devices keep what they got"),
                              ("rollback", "Roll back every device this rollout reached")):
             app.post(f"/v1/rollouts/{{rollout_id}}/{action}", tags=["rollouts"], summary=text,
-                     name=f"rollout_{action}")(action_endpoint(action))
+                     name=f"rollout_{action}", responses=error_responses(400, 401, 403, 404, 409, 413, 422)
+                     )(action_endpoint(action))
 
         @app.get("/v1/devices/{device_id}/history", tags=["devices"], summary="A device's assignments, health and "
-                 "events")
+                 "events", responses=error_responses(401, 403, 404, 422))
         def history(device_id: str, limit: Annotated[int, Query(ge=1, le=1000)] = 200,
                     who: Operator = ctx.operator("read")) -> dict[str, Any]:
             return self.device_history(device_id, limit=limit)
 
         @app.post("/v1/device/self/report", tags=["device"], response_model=s.ReportAnswer,
-                  summary="The agent reports what the device runs, its health and its events")
+                  summary="The agent reports what the device runs, its health and its events",
+                  responses=error_responses(400, 401, 409, 413, 422))
         async def report(body: s.DeviceReport, device_id: str = Depends(ctx.device)) -> dict[str, Any]:
             return await anyio.to_thread.run_sync(self.report, device_id, body)
 

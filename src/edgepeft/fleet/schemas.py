@@ -33,7 +33,10 @@ Name = Annotated[str, Field(pattern=f"^{NAME_PATTERN}$", description="1-128 lett
                                                                      "starting with a letter or digit.")]
 Tag = Annotated[str, Field(pattern=TAG_PATTERN, description="A label such as site=berlin.")]
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN, description="64 lower-case hex digits.")]
-Reason = Annotated[str, Field(min_length=1, max_length=1000, pattern="^[^\\x00-\\x1f\\x7f]+$",
+# One line with at least one visible character: the pattern says so itself (not only the validator), so the
+# OpenAPI schema that clients and schemathesis read describes exactly what is accepted.
+Reason = Annotated[str, Field(min_length=1, max_length=1000,
+                              pattern="^[^\\x00-\\x1f\\x7f]*[^\\s\\x00-\\x1f\\x7f][^\\x00-\\x1f\\x7f]*$",
                               description="Why: one line, written to the audit log."), AfterValidator(_not_blank)]
 Scope = Literal["read", "publish", "deploy", "admin"]
 

@@ -87,7 +87,8 @@ def error_status(exc: EdgePeftError) -> int:
     return 400
 
 
-def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` entry documenting these error statuses (one-line `ErrorOut` bodies)."""
     text = {400: "Malformed request or rejected bundle", 401: "Missing, unknown or replaced credential",
             403: "Credential lacks the scope", 404: "Unknown resource", 409: "Duplicate or conflicting change",
             413: "Body over the size limit", 422: "Wrong types or fields, or an unknown reference"}
@@ -284,47 +285,47 @@ def create_app(registry: Registry, *, max_json_bytes: int = DEFAULT_MAX_JSON_BYT
 
     # ------------------------------------------------------------------------------------------- tokens
     @app.post("/v1/tokens", tags=["tokens"], status_code=201, response_model=s.NewToken,
-              summary="Create an operator token (shown once)", responses=_responses(400, 401, 403, 413, 422))
+              summary="Create an operator token (shown once)", responses=error_responses(400, 401, 403, 413, 422))
     def create_token(body: s.TokenRequest, who: Operator = operator("admin")) -> dict[str, Any]:
         record, token = registry.create_token(body.name, body.scopes, actor=who.actor, reason=body.reason)
         return changed({"token": token, "record": record})
 
     @app.get("/v1/tokens", tags=["tokens"], response_model=list[s.TokenOut], summary="Operator tokens",
-             responses=_responses(401, 403))
+             responses=error_responses(401, 403))
     def list_tokens(who: Operator = operator("admin")) -> list[dict[str, Any]]:
         return registry.list_tokens()
 
     @app.post("/v1/tokens/{token_id}/revoke", tags=["tokens"], response_model=s.TokenOut, summary="Revoke a token",
-              responses=_responses(400, 401, 403, 404, 409, 413, 422))
+              responses=error_responses(400, 401, 403, 404, 409, 413, 422))
     def revoke_token(token_id: Annotated[int, PathParam(ge=1, le=2**62)], body: s.ReasonRequest,
                      who: Operator = operator("admin")) -> dict[str, Any]:
         return changed(registry.revoke_token(token_id, actor=who.actor, reason=body.reason))
 
     # ------------------------------------------------------------------------------------------- bases, groups
     @app.post("/v1/bases", tags=["registry"], status_code=201, response_model=s.BaseOut,
-              summary="Register a base model by sha256", responses=_responses(400, 401, 403, 409, 413, 422))
+              summary="Register a base model by sha256", responses=error_responses(400, 401, 403, 409, 413, 422))
     def register_base(body: s.BaseRequest, who: Operator = operator("publish")) -> dict[str, Any]:
         return changed(registry.register_base(body.name, body.sha256, actor=who.actor, reason=body.reason))
 
     @app.get("/v1/bases", tags=["registry"], response_model=list[s.BaseOut], summary="Registered bases",
-             responses=_responses(401, 403))
+             responses=error_responses(401, 403))
     def list_bases(who: Operator = operator("read")) -> list[dict[str, Any]]:
         return registry.list_bases()
 
     @app.post("/v1/groups", tags=["registry"], status_code=201, response_model=s.GroupOut,
-              summary="Create a device group", responses=_responses(400, 401, 403, 409, 413, 422))
+              summary="Create a device group", responses=error_responses(400, 401, 403, 409, 413, 422))
     def create_group(body: s.GroupRequest, who: Operator = operator("deploy")) -> dict[str, Any]:
         return changed(registry.create_group(body.name, body.description, actor=who.actor, reason=body.reason))
 
     @app.get("/v1/groups", tags=["registry"], response_model=list[s.GroupOut], summary="Groups and their sizes",
-             responses=_responses(401, 403))
+             responses=error_responses(401, 403))
     def list_groups(who: Operator = operator("read")) -> list[dict[str, Any]]:
         return registry.list_groups()
 
     # ------------------------------------------------------------------------------------------- devices
     @app.post("/v1/devices", tags=["devices"], status_code=201, response_model=s.Enrolled,
               summary="Enrol a device; its credential is shown once",
-              responses=_responses(400, 401, 403, 409, 413, 422))
+              responses=error_responses(400, 401, 403, 409, 413, 422))
     def enrol(body: s.EnrolRequest, who: Operator = operator("deploy")) -> dict[str, Any]:
         record, credential = registry.enrol_device(body.device_id, tags=body.tags, groups=body.groups,
                                                    assets=body.assets, bases=body.bases, actor=who.actor,
@@ -332,7 +333,7 @@ def create_app(registry: Registry, *, max_json_bytes: int = DEFAULT_MAX_JSON_BYT
         return changed({"credential": credential, "device": record})
 
     @app.get("/v1/devices", tags=["devices"], response_model=list[s.DeviceOut], summary="Devices",
-             responses=_responses(401, 403, 422))
+             responses=error_responses(401, 403, 422))
     def list_devices(
         who: Operator = operator("read"),
         tag: Annotated[str | None, Query(max_length=128)] = None,
@@ -345,20 +346,20 @@ def create_app(registry: Registry, *, max_json_bytes: int = DEFAULT_MAX_JSON_BYT
         return registry.list_devices(tag=tag, group=group, asset=asset, after=after, limit=limit)
 
     @app.get("/v1/devices/{device_id}", tags=["devices"], response_model=s.DeviceOut, summary="One device",
-             responses=_responses(401, 403, 404))
+             responses=error_responses(401, 403, 404))
     def get_device(device_id: str, who: Operator = operator("read")) -> dict[str, Any]:
         return registry.get_device(device_id)
 
     @app.patch("/v1/devices/{device_id}", tags=["devices"], response_model=s.DeviceOut,
                summary="Replace a device's tags, groups, assets or bases",
-               responses=_responses(400, 401, 403, 404, 409, 413, 422))
+               responses=error_responses(400, 401, 403, 404, 409, 413, 422))
     def update_device(device_id: str, body: s.DeviceUpdate, who: Operator = operator("deploy")) -> dict[str, Any]:
         return changed(registry.update_device(device_id, tags=body.tags, groups=body.groups, assets=body.assets,
                                               bases=body.bases, actor=who.actor, reason=body.reason))
 
     @app.post("/v1/devices/{device_id}/credential", tags=["devices"], response_model=s.Enrolled,
               summary="Issue a new device credential; the old one stops working",
-              responses=_responses(400, 401, 403, 404, 409, 413, 422))
+              responses=error_responses(400, 401, 403, 404, 409, 413, 422))
     def rotate(device_id: str, body: s.ReasonRequest, who: Operator = operator("deploy")) -> dict[str, Any]:
         record, credential = registry.rotate_credential(device_id, actor=who.actor, reason=body.reason)
         return changed({"credential": credential, "device": record})
@@ -366,7 +367,7 @@ def create_app(registry: Registry, *, max_json_bytes: int = DEFAULT_MAX_JSON_BYT
     # ------------------------------------------------------------------------------------------- bundles
     @app.post(
         BUNDLE_ROUTE, tags=["bundles"], status_code=201, response_model=s.BundleOut,
-        summary="Upload a signed .edelta bundle", responses=_responses(400, 401, 403, 409, 413, 422),
+        summary="Upload a signed .edelta bundle", responses=error_responses(400, 401, 403, 409, 413, 422),
         openapi_extra={"requestBody": {"required": True, "description": "The .edelta file, as is.",
                                        "content": {"application/octet-stream": {"schema": {
                                            "type": "string", "format": "binary"}}}}},
@@ -390,7 +391,7 @@ def create_app(registry: Registry, *, max_json_bytes: int = DEFAULT_MAX_JSON_BYT
         return changed(record)
 
     @app.get(BUNDLE_ROUTE, tags=["bundles"], response_model=list[s.BundleOut], summary="The bundle catalogue",
-             responses=_responses(401, 403, 422))
+             responses=error_responses(401, 403, 422))
     def list_bundles(
         who: Operator = operator("read"),
         asset_id: Annotated[str | None, Query(max_length=128)] = None,
@@ -400,13 +401,13 @@ def create_app(registry: Registry, *, max_json_bytes: int = DEFAULT_MAX_JSON_BYT
         return registry.list_bundles(asset_id=asset_id, offset=offset, limit=limit)
 
     @app.get(BUNDLE_ROUTE + "/{sha256}", tags=["bundles"], response_model=s.BundleOut, summary="One bundle",
-             responses=_responses(401, 403, 404, 422))
+             responses=error_responses(401, 403, 404, 422))
     def get_bundle(sha256: Annotated[str, PathParam(pattern=s.SHA256_PATTERN)],
                    who: Operator = operator("read")) -> dict[str, Any]:
         return registry.get_bundle(sha256)
 
     @app.get(BUNDLE_ROUTE + "/{sha256}/file", tags=["bundles"], summary="Download a bundle file",
-             responses={200: {"content": {"application/octet-stream": {}}}, **_responses(401, 403, 404, 422)})
+             responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(401, 403, 404, 422)})
     def bundle_file(sha256: Annotated[str, PathParam(pattern=s.SHA256_PATTERN)],
                     who: Operator = operator("read")) -> Response:
         return Response(registry.bundle_file(sha256), media_type="application/octet-stream",
@@ -414,7 +415,7 @@ def create_app(registry: Registry, *, max_json_bytes: int = DEFAULT_MAX_JSON_BYT
 
     # ------------------------------------------------------------------------------------------- audit
     @app.get("/v1/audit", tags=["audit"], response_model=list[s.AuditOut], summary="The audit log, oldest first",
-             responses=_responses(401, 403, 422))
+             responses=error_responses(401, 403, 422))
     def audit(
         who: Operator = operator("read"),
         after_id: Annotated[int, Query(ge=0, le=2**62, description="Last id of the previous page.")] = 0,
@@ -425,12 +426,12 @@ def create_app(registry: Registry, *, max_json_bytes: int = DEFAULT_MAX_JSON_BYT
 
     # ------------------------------------------------------------------------------------------- devices' own
     @app.get("/v1/device/self", tags=["device"], response_model=s.DeviceOut, summary="The calling device",
-             responses=_responses(401))
+             responses=error_responses(401))
     def device_self(device_id: str = Depends(device)) -> dict[str, Any]:
         return registry.get_device(device_id)
 
     @app.put("/v1/device/self/inventory", tags=["device"], response_model=s.DeviceOut,
-             summary="Report the assets and bases this device runs", responses=_responses(400, 401, 413, 422))
+             summary="Report the assets and bases this device runs", responses=error_responses(400, 401, 413, 422))
     def report(body: s.InventoryReport, device_id: str = Depends(device)) -> dict[str, Any]:
         """Replaces the device's assets and bases in the registry (bases must be registered); a report that
         changes nothing writes nothing."""
