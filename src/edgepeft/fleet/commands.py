@@ -78,7 +78,7 @@ def serve(
     signers = ", ".join(key_id(key) for key in keys) if keys else "none: uploads refused"
     admin_hint = "" if counts["operator_tokens"] else "; no operator token yet: create one with `edgepeft fleet token`"
     Console(stderr=True, soft_wrap=True).print(
-        f"[green]serving[/] http://{host}:{port} (docs at /docs): {database.dialect} "
+        f"[green]serving[/] http://{host}:{port} (docs at /docs, console at /console): {database.dialect} "
         f"{database.engine.url.render_as_string(hide_password=True)} at schema {database.revision()}, "
         f"{counts['devices']} device(s), {counts['bundles']} bundle(s), trusted keys: {signers}{admin_hint}",
         highlight=False,
