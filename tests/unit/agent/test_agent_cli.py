@@ -46,3 +46,22 @@ def test_module_entry_point_has_the_same_command() -> None:
     result = run("--help", module="edgepeft.agent")
     assert result.returncode == 0, result.stderr
     assert "--director-root" in result.stdout and "--once" in result.stdout
+
+
+def test_runs_on_a_device_install(files: dict[str, Path], tmp_path: Path) -> None:
+    """Where torch, the training libraries and the fleet server's database stack cannot be imported, the agent
+    still runs: one cycle with nothing answering ends in one line and exit code 1, its state folder written."""
+    import os
+    import subprocess
+    import sys
+
+    from edgepeft.bench.device_bench import device_environment
+
+    env = {**os.environ, **device_environment(tmp_path / "device-python", extra_blocked=("sqlalchemy", "alembic"))}
+    args = _args(files, tmp_path, **{"--runtime": "http://127.0.0.1:9", "--poll-seconds": "1"})
+    result = subprocess.run([sys.executable, "-m", "edgepeft.agent", *args[1:], "--once"], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "did not answer" in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert (tmp_path / "agent" / "agent.json").exists()
