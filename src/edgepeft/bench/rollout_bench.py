@@ -681,6 +681,9 @@ def render(results: dict[str, Any]) -> str:
         lambda b: f"{b['steady']['poll_latency']['p50_ms']:.0f} / {b['steady']['poll_latency']['p99_ms']:.0f}")
     row("Report API latency p50 / p99, ms (device side)",
         lambda b: f"{b['steady']['report_latency']['p50_ms']:.0f} / {b['steady']['report_latency']['p99_ms']:.0f}")
+    row("Server-side p99, s (its histogram's bucket bound): report / director metadata",
+        lambda b: f"≤ {b['metrics_server_p99']['/v1/device/self/report']:g} / "
+                  f"≤ {b['metrics_server_p99']['/tuf/director/{device_id}/metadata/{name}']:g}")
     row("Bytes per idle poll", lambda b: f"{b['steady']['bytes_per_idle_poll']:,.0f}")
     row("Poll errors (retried)", lambda b: str(b["poll_errors"]["count"]))
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

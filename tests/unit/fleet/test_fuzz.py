@@ -35,11 +35,16 @@ DOCUMENTS = JSON | st.fixed_dictionaries(
     optional={"name": st.sampled_from(["fuzz-1", "line-1", "bad name"]), "scopes": st.sampled_from([["read"], []]),
               "device_id": st.sampled_from(["fuzz-dev", "pump-1", "../x"]), "tags": st.lists(st.text(max_size=5)),
               "groups": st.sampled_from([["line-1"], ["missing"]]), "sha256": st.sampled_from(["0" * 64, "ABC"]),
-              "assets": st.lists(st.sampled_from(["a1", "a 2"]), max_size=2), "bases": st.just([])})
+              "assets": st.lists(st.sampled_from(["a1", "a 2"]), max_size=2), "bases": st.just([]),
+              "group": st.sampled_from(["line-1", "nope"]), "bundle": st.sampled_from(["0" * 64, "x"]),
+              "strategy": st.sampled_from([{}, {"waves": [50]}, {"canary": -1}]),
+              "events": st.sampled_from([[], [{"kind": "error"}]])})
 ENDPOINTS = [("POST", "/v1/tokens"), ("POST", "/v1/tokens/999999/revoke"), ("POST", "/v1/bases"),
              ("POST", "/v1/groups"), ("POST", "/v1/devices"), ("PATCH", "/v1/devices/pump-1"),
-             ("POST", "/v1/devices/spare/credential"), ("PUT", "/v1/device/self/inventory")]
-NO_OP_ALLOWED = {"/v1/devices/pump-1", "/v1/device/self/inventory"}
+             ("POST", "/v1/devices/spare/credential"), ("PUT", "/v1/device/self/inventory"),
+             ("POST", "/v1/rollouts"), ("POST", "/v1/rollouts/1/pause"), ("POST", "/v1/device/self/report")]
+# A device's report is telemetry, not an operator's change: it writes no audit entry.
+NO_OP_ALLOWED = {"/v1/devices/pump-1", "/v1/device/self/inventory", "/v1/device/self/report"}
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
