@@ -674,6 +674,8 @@ def render_rollout(data: dict[str, Any], moment: datetime) -> str:
         state = ("healthy" if wave and wave.healthy_at else "open" if wave and wave.opened_at else "pending")
         if number == r.current_wave and r.state in ("halted", "cancelled", "rolled_back"):
             state = r.state
+        elif state == "pending" and r.state in ("halted", "cancelled", "rolled_back"):
+            state = "cancelled"  # the rollout stopped before this wave opened: it never will
         members = data["devices"].get(number, [])
         devices = _table(["Device", "Arm", "Status", "Previous version", "Detail", "Updated"],
                          ([_device_link(d.device_id), h(d.arm.upper()), _badge(d.status), h(d.previous_version),
