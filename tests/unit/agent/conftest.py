@@ -8,6 +8,8 @@ process tests in ``test_agent_process.py`` run the whole chain (``edgepeft agent
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,32 +17,20 @@ from typing import Any
 
 import pytest
 
-from edgepeft.bench.loadtest import ServerProcess, series
-from edgepeft.delta import generate_key, pack_bundle, read_bundle, save_keypair
+from edgepeft.agent.updates import AssignedTarget
+from edgepeft.bench.loadtest import ServerProcess
+from edgepeft.delta import pack_bundle, read_bundle
 from tests.unit.fleet.conftest import FleetServer
 
 ASSET = "pump-1"
 RUNTIME_TOKEN = "agent-test-runtime-token-0123456789"
 
 
-@dataclass(frozen=True)
-class Target:
-    """The fields of ``edgepeft.agent.updates.AssignedTarget`` the loop uses."""
-
-    asset_id: str
-    version: str
-    release: int
-    base_sha256: str
-    sha256: str
-    length: int
-    path: str
-
-
-def target_of(data: bytes) -> Target:
+def target_of(data: bytes) -> AssignedTarget:
     bundle = read_bundle(data)
-    return Target(asset_id=bundle.asset_id, version=bundle.version, release=bundle.release,
-                  base_sha256=bundle.base_sha256, sha256=hashlib.sha256(data).hexdigest(), length=len(data),
-                  path=f"{bundle.asset_id}/{bundle.version}.edelta")
+    return AssignedTarget(asset_id=bundle.asset_id, version=bundle.version, release=bundle.release,
+                          base_sha256=bundle.base_sha256, sha256=hashlib.sha256(data).hexdigest(),
+                          length=len(data), path=f"{bundle.asset_id}/{bundle.version}.edelta")
 
 
 @dataclass
@@ -59,7 +49,7 @@ class Assignments:
     def assign(self, *versions: str) -> None:
         self.assigned_versions = list(versions)
 
-    def assigned(self, base_sha256: str | None = None) -> list[Target]:
+    def assigned(self, base_sha256: str | None = None) -> list[AssignedTarget]:
         self.bases.append(base_sha256)
         if self.fail is not None:
             raise self.fail
@@ -71,25 +61,6 @@ class Assignments:
             raise self.broken[target.version]
         data = self.bundles[target.version]
         return data[:-1] + bytes([data[-1] ^ 1]) if target.version in self.tamper else data
-
-
-@pytest.fixture(scope="session")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The fleet's release key (trusted by the runtime) and an untrusted one."""
-    trusted = generate_key()
-    public = save_keypair(trusted, tmp_path_factory.mktemp("keys") / "release")
-    return {"trusted": trusted, "public": public, "untrusted": generate_key()}
-
-
-@pytest.fixture(scope="session")
-def detector_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    from edgepeft.detect.detector import AnomalyDetector
-
-    torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("detector") / "det"
-    return AnomalyDetector(base="tiny", method="lora", rank=4, steps=3, seed=0).fit(series(300)).save(folder)
 
 
 @pytest.fixture(scope="session")
@@ -130,3 +101,22 @@ def enrol(fleet: FleetServer, device_id: str) -> str:
         answer = http.post("/v1/devices", json={"device_id": device_id, "assets": [ASSET], "reason": "agent test"})
         assert answer.status_code == 201, answer.text
         return str(answer.json()["credential"])
+
+
+def mount_tmpfs(folder: Path, size: str) -> bool:
+    """Mount a tmpfs of ``size`` on ``folder`` (a disk that can fill up); False where that needs root we lack."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                                                 str(folder)], capture_output=True).returncode == 0
+
+
+def fill(path: Path) -> None:
+    """Write zeros to ``path`` until its file system is full."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

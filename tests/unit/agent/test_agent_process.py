@@ -7,7 +7,6 @@ away. Each time the device keeps serving its previous adapter and converges once
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 
 from edgepeft.bench.loadtest import ServerProcess, payloads
 from edgepeft.delta import read_bundle
-from tests.unit.agent.conftest import ASSET, RUNTIME_TOKEN
+from tests.unit.agent.conftest import ASSET, RUNTIME_TOKEN, fill, mount_tmpfs
 from tests.unit.agent.netproxy import NetProxy
 from tests.unit.fleet import tuf_support
 from tests.unit.fleet.conftest import FleetServer, fleet_cli
@@ -204,28 +203,11 @@ def test_outages_and_kills_mid_download_and_mid_install(
     assert health["v5"]["crashes"] == 3
 
 
-def _mount(folder: Path, size: str) -> bool:
-    folder.mkdir(parents=True, exist_ok=True)
-    return os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
-                                                 str(folder)], capture_output=True).returncode == 0
-
-
-def _fill(path: Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def test_disk_full_on_the_device(tmp_path: Path, keys: dict[str, Any], published: dict[str, bytes]) -> None:
     """The runtime's disk full (its install fails), then the agent's (the download cannot be kept): the previous
     adapter serves throughout; once space is back, the device converges."""
     runtime_disk, agent_disk = tmp_path / "runtime-disk", tmp_path / "agent-disk"
-    if not (_mount(runtime_disk, "16m") and _mount(agent_disk, "4m")):
+    if not (mount_tmpfs(runtime_disk, "16m") and mount_tmpfs(agent_disk, "4m")):
         pytest.skip("a small tmpfs cannot be mounted here (needs root)")
     base = read_bundle(published["v1"]).base_sha256
     try:
@@ -239,7 +221,7 @@ def test_disk_full_on_the_device(tmp_path: Path, keys: dict[str, Any], published
                 assert device.once().returncode == 0 and device.serving() == "v1"
 
                 fleet.assign(DEVICE, ASSET, shas["v2"])
-                _fill(runtime_disk / "filler")
+                fill(runtime_disk / "filler")
                 failed = device.once()
                 assert failed.returncode == 1 and "install of pump-1 v2 failed" in failed.stderr, failed.stderr
                 assert device.active() == "v1" and device.versions() == ["v1"] and device.serving() == "v1"
@@ -249,7 +231,7 @@ def test_disk_full_on_the_device(tmp_path: Path, keys: dict[str, Any], published
                 assert device.serving() == "v2"
 
                 fleet.assign(DEVICE, ASSET, shas["v3"])
-                _fill(agent_disk / "filler")
+                fill(agent_disk / "filler")
                 failed = device.once()
                 assert failed.returncode == 1, failed.stderr
                 assert device.active() == "v2" and device.serving() == "v2"

@@ -4,17 +4,15 @@ is survived."""
 from __future__ import annotations
 
 import json
-import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from edgepeft.agent.loop import Backoff
 from edgepeft.agent.state import MAX_EVENTS, RUNNING_MARKER, STATE_FILE, AgentStateFile
 from edgepeft.core.errors import ConfigError
+from tests.unit.agent.conftest import fill, mount_tmpfs
 
 
 def test_events_and_errors_survive_a_restart(tmp_path: Path) -> None:
@@ -58,12 +56,9 @@ def test_the_backlog_is_bounded(tmp_path: Path) -> None:
 
 
 def test_a_full_disk_keeps_the_state_in_memory(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
     folder = tmp_path / "small"
-    folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)]).returncode != 0:
-        pytest.skip("tmpfs cannot be mounted here")
+    if not mount_tmpfs(folder, "64k"):
+        pytest.skip("a small tmpfs cannot be mounted here (needs root)")
     try:
         with AgentStateFile.open(folder) as saved:
             fill(folder / "filler")
@@ -76,24 +71,3 @@ def test_a_full_disk_keeps_the_state_in_memory(tmp_path: Path) -> None:
         assert [e["kind"] for e in json.loads((folder / STATE_FILE).read_text())["events"]] == ["error", "installed"]
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def fill(path: Path) -> None:
-    """Write zeros to ``path`` until its file system is full."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def test_backoff_doubles_to_its_cap_with_jitter() -> None:
-    backoff = Backoff(first=1.0, cap=8.0, rng=random.Random(1))
-    waits = [backoff.next() for _ in range(8)]
-    assert all(0.5 * c <= w <= c for w, c in zip(waits, [1, 2, 4, 8, 8, 8, 8, 8], strict=True))
-    assert len({round(w, 6) for w in waits[3:]}) == 5, "jitter: no two waits alike"
-    backoff.reset()
-    assert backoff.next() <= 1.0

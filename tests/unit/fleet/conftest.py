@@ -24,9 +24,9 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgepeft.bench.loadtest import ServerProcess, series
+from edgepeft.bench.loadtest import ServerProcess
 from edgepeft.bench.postgres import PostgresServer, postgres_bindir
-from edgepeft.delta import generate_key, pack_bundle, read_bundle, save_keypair
+from edgepeft.delta import pack_bundle, read_bundle
 from edgepeft.delta.bundle import seal_bundle
 from edgepeft.delta.keys import key_id
 
@@ -65,25 +65,6 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- keys, bundles
-@pytest.fixture(scope="session")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A trusted signing key (and its .pub file) and an untrusted one."""
-    trusted = generate_key()
-    public = save_keypair(trusted, tmp_path_factory.mktemp("keys") / "release")
-    return {"trusted": trusted, "public": public, "untrusted": generate_key()}
-
-
-@pytest.fixture(scope="session")
-def detector_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    from edgepeft.detect.detector import AnomalyDetector
-
-    torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("detector") / "det"
-    return AnomalyDetector(base="tiny", method="lora", rank=4, steps=3, seed=0).fit(series(300)).save(folder)
-
-
 @pytest.fixture(scope="session")
 def base_bundle(detector_dir: Path, keys: dict[str, Any]) -> bytes:
     return pack_bundle(detector_dir, keys["trusted"], asset_id=ASSET, version="1.0.0", release=1)
