@@ -4,12 +4,14 @@ is survived."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from edgepeft.agent.loop import Backoff
 from edgepeft.agent.state import MAX_EVENTS, RUNNING_MARKER, STATE_FILE, AgentStateFile
 from edgepeft.core.errors import ConfigError
 from tests.unit.agent.conftest import fill, mount_tmpfs
@@ -71,3 +73,12 @@ def test_a_full_disk_keeps_the_state_in_memory(tmp_path: Path) -> None:
         assert [e["kind"] for e in json.loads((folder / STATE_FILE).read_text())["events"]] == ["error", "installed"]
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_backoff_doubles_to_its_cap_with_jitter() -> None:
+    backoff = Backoff(first=1.0, cap=8.0, rng=random.Random(1))
+    waits = [backoff.next() for _ in range(8)]
+    assert all(0.5 * c <= w <= c for w, c in zip(waits, [1, 2, 4, 8, 8, 8, 8, 8], strict=True))
+    assert len({round(w, 6) for w in waits[3:]}) == 5, "jitter: no two waits alike"
+    backoff.reset()
+    assert backoff.next() <= 1.0
